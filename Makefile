@@ -1,0 +1,47 @@
+SHELL := /bin/bash
+# One-command setup: `make test` and `make demo` create .venv, install the pinned stack, build
+# videor1._C (C++ always, CUDA when torch has CUDA and nvcc exists), then run.
+PYTHON_BOOT ?= python3.11
+VENV        := .venv
+PY          := $(VENV)/bin/python
+DEPS_STAMP  := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.ext-built
+CSRC        := $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
+export MAX_JOBS ?= 2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
+# Triton kernels run in the interpreter when there is no GPU.
+TRITON_ENV = TRITON_INTERPRET=$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean
+
+$(PY):
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+$(DEPS_STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) setup.py $(CSRC)
+	$(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "setup.py:|nvcc|error|Successfully" ; test $${PIPESTATUS[0]} -eq 0
+	$(PY) -c "import videor1._C as C; print('videor1._C built, CUDA kernels compiled and linked:', C.cuda_built())"
+	touch $@
+
+setup: $(BUILD_STAMP)
+
+test: setup
+	$(TRITON_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(TRITON_ENV) $(PY) -m videor1.demo
+
+bench: setup
+	$(TRITON_ENV) $(PY) benchmarks/bench_grpo_loss.py
+	$(PY) benchmarks/bench_frame_to_patch.py
+
+clean:
+	rm -rf build *.egg-info videor1/_C*.so $(BUILD_STAMP)

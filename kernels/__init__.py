@@ -1,0 +1,1 @@
+"""Fused GRPO loss kernels (Triton); standalone: depends on torch and triton only."""
