@@ -50,6 +50,7 @@ class DataConfig:
     image_min_pixels: int = _f(3136, ge=28 * 28)
     image_max_pixels: int = _f(12845056, ge=28 * 28)
     max_skip_rate: float = _f(0.05, ge=0, le=1)  # stop when more samples than this fail to load
+    skip_rate_min_samples: int = _f(50, ge=1)  # ... judged once this many samples were attempted
     shuffle: bool = True
 
 
@@ -69,7 +70,8 @@ class AlgoConfig:
     alpha: float = _f(0.3, ge=0)  # temporal bonus
     mu: float = _f(0.8, ge=0)  # bonus when p_ordered >= mu * p_shuffled
     scale_rewards: bool = True  # (r - mean) / (std + 1e-4); false = Dr. GRPO's unscaled form
-    rewards: list[str] = _f(factory=lambda: ["accuracy", "format"])
+    rewards: list[str] = _f(factory=lambda: ["accuracy", "format"])  # names in videor1.rewards.REWARDS
+    reward_modules: list[str] = _f(factory=list)  # modules imported first, to @register_reward your own
     length_bonus: float = _f(0.2, ge=0)
     length_min: int = _f(320, ge=0)
     length_max: int = _f(512, ge=0)
@@ -79,7 +81,8 @@ class AlgoConfig:
     kl_clamp: float = _f(10.0, gt=0)
     loss_type: str = _f("grpo", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
     importance_level: str = _f("token", choices=("token", "sequence"))
-    num_iterations: int = _f(1, ge=1)
+    num_iterations: int = _f(1, ge=1)  # optimiser steps per batch of rollouts (old log-probs when > 1)
+    kernel_backend: str = _f("auto", choices=("auto", "triton", "torch"))
 
 
 @dataclass
@@ -108,6 +111,7 @@ class TrainConfig:
     resume_from: str = ""
     log_every: int = _f(1, ge=1)
     tensorboard: bool = False
+    dist_timeout_s: float = _f(600.0, gt=0)  # a collective waiting longer (a dead rank) fails the job
 
 
 @dataclass

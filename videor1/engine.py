@@ -1,0 +1,292 @@
+"""Distributed engines behind one small interface: FSDP2 (torch) or DeepSpeed ZeRO-3.
+
+    engine = build_engine(cfg, module, num_training_steps, micro_batches_per_step)
+    out = engine(...)                  # forward of the wrapped root module
+    engine.backward(loss)              # once per micro-batch
+    result = engine.step()             # clip, optimiser + scheduler step, zero grads; skips non-finite
+    with engine.full_weights():        # rollout phase: every weight gathered once, not per token
+        engine.module.generate(...)
+    engine.save(dir) / engine.load(dir) / engine.save_hf(dir, processor)
+
+The root module is videor1.policy.PolicyModule: its forward runs the HF model and the fused kernels
+against lm_head.weight, so both engines have the head's weight gathered when the kernel reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from videor1 import distributed as D
+from videor1.config import Config
+
+
+@dataclasses.dataclass
+class StepResult:
+    grad_norm: float
+    applied: bool  # False when the gradient was non-finite and the step was skipped
+    lr: float
+
+
+def _shard_units(hf_model: nn.Module) -> list[nn.Module]:
+    """The modules to shard one by one: HF's own no-split units (decoder layers, vision blocks)."""
+    names = set(getattr(hf_model, "_no_split_modules", None) or [])
+    units = [m for m in hf_model.modules() if type(m).__name__ in names]
+    if not units:
+        raise ValueError(f"{type(hf_model).__name__} declares no _no_split_modules to shard")
+    return units
+
+
+def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, num_training_steps: int):
+    from transformers import get_scheduler
+
+    warmup = int(math.ceil(cfg.optim.warmup_ratio * num_training_steps))
+    name = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}[cfg.optim.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(1, num_training_steps))
+
+
+def _adamw(cfg: Config, params) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
+
+
+class FSDP2Engine:
+    """torch FSDP2: fully_shard per decoder layer and vision block, then the root; AdamW on DTensors."""
+
+    def __init__(self, cfg: Config, module: nn.Module, num_training_steps: int, trainable: bool = True):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        self.cfg = cfg
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = init_device_mesh(device_type, (D.world_size(),))
+        mp = None
+        if cfg.train.mixed_precision == "bf16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs = {"mesh": mesh} if mp is None else {"mesh": mesh, "mp_policy": mp}
+        for unit in _shard_units(module.hf):
+            fully_shard(unit, **kwargs)
+        fully_shard(module, **kwargs)
+        register_fsdp_forward_method(module, "generate")
+        self.module = module
+        self.optimizer = self.scheduler = None
+        if trainable:
+            self.optimizer = _adamw(cfg, [p for p in module.parameters() if p.requires_grad])
+            self.scheduler = _scheduler(cfg, self.optimizer, num_training_steps)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def _fsdp_modules(self) -> list[nn.Module]:
+        from torch.distributed.fsdp import FSDPModule
+
+        return [m for m in self.module.modules() if isinstance(m, FSDPModule)]
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[nn.Module]:
+        """All-gather every shard once and keep it gathered for the whole rollout phase (generate would
+        otherwise all-gather every layer for every generated token); reshard on exit."""
+        modules = self._fsdp_modules()
+        inner = [m for m in modules if m is not self.module]
+        for m in inner:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in modules:
+            m.unshard()
+        try:
+            yield self.module
+        finally:
+            for m in inner:
+                m.set_reshard_after_forward(True, recurse=False)
+            for m in modules:
+                m.reshard()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> StepResult:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(norm, False, lr)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm, True, lr)
+
+    def save(self, path: str) -> None:
+        """Sharded model + optimiser (torch.distributed.checkpoint) and the scheduler into `path`."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(path, "engine"))
+        if D.is_main():
+            torch.save(self.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
+
+    def load(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(self.module, self.optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=os.path.join(path, "engine"))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The HF model's full (unsharded) weights on rank 0's CPU; {} on other ranks."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("hf."): v for k, v in sd.items()} if D.is_main() else {}
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO (stage from the JSON, 3 for T-GRPO). The JSON's "auto" values are filled from
+    the config: micro-batch 1, accumulation = micro-batches per step, clipping, bf16."""
+
+    def __init__(self, cfg: Config, module: nn.Module, num_training_steps: int, micro_batches_per_step: int,
+                 ds_config: dict, trainable: bool = True):
+        import deepspeed
+
+        self.cfg = cfg
+        self.ds_config = ds_config
+        # The fused kernels read lm_head.weight outside lm_head's own forward: tell ZeRO-3 to gather it
+        # (and route its gradient) whenever the root module runs.
+        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            deepspeed.zero.register_external_parameter(module, module.hf.lm_head.weight)
+        self.optimizer = self.scheduler = None
+        if trainable:
+            optimizer = _adamw(cfg, [p for p in module.parameters() if p.requires_grad])
+            # The scheduler drives the torch optimizer's param_groups, which ZeRO's wrapper reads.
+            self.scheduler = _scheduler(cfg, optimizer, num_training_steps)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+        else:
+            self.engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+            self.engine.eval()
+        self.module = self.engine.module
+        self.micro_batches_per_step = micro_batches_per_step
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[nn.Module]:
+        """Gather every ZeRO-3 partition once for the rollout phase (as TRL's unwrap_model_for_generation)."""
+        import deepspeed
+
+        if self.ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+            yield self.module
+            return
+        # ZeRO-3's per-module hooks would still all-gather (and release) every layer at every forward
+        # call of generate; detach them while the full weights are held, re-attach afterwards.
+        offload = getattr(self.engine.optimizer, "parameter_offload", None) or self.engine.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+            for p in self.module.parameters():
+                p.ds_active_sub_modules.clear()
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield self.module
+            finally:
+                offload._register_deepspeed_module(offload.module)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Our loss is already scaled by its share of the step; DeepSpeed must not divide it again.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # DeepSpeed only advances its micro-step counter here
+
+    def step(self) -> StepResult:
+        lr = self.scheduler.get_last_lr()[0]
+        self.engine.step()  # at the boundary: reduce, clip, and skip by itself when the norm is not finite
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        applied = math.isfinite(norm)
+        if applied:
+            self.scheduler.step()
+        return StepResult(norm, applied, lr)
+
+    def save(self, path: str) -> None:
+        self.engine.save_checkpoint(os.path.join(path, "engine"), tag="state", save_latest=False)
+        if D.is_main():
+            torch.save(self.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
+
+    def load(self, path: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(os.path.join(path, "engine"), tag="state")
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/engine")
+        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        sd: dict[str, torch.Tensor] = {}
+        for name, p in self.module.hf.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if D.is_main():
+                    sd[name] = p.detach().cpu().clone()
+        if D.is_main():
+            for name, b in self.module.hf.named_buffers():
+                sd.setdefault(name, b.detach().cpu().clone())
+        return sd
+
+
+def load_deepspeed_config(cfg: Config, micro_batches_per_step: int) -> dict:
+    """The DeepSpeed JSON with its "auto" fields filled from the config; errors name the file."""
+    path = cfg.train.deepspeed_config
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"train.deepspeed_config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        ds = json.load(f)
+    fills = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": micro_batches_per_step,
+        "gradient_clipping": cfg.optim.max_grad_norm,
+    }
+    for key, value in fills.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.pop("train_batch_size", None)
+    stray = [k for k, v in ds.items() if v == "auto"]
+    if stray:
+        raise ValueError(f"{path}: 'auto' is only understood for {sorted(fills)}; set {stray} explicitly")
+    bf16 = cfg.train.mixed_precision == "bf16"
+    ds["bf16"] = {"enabled": bf16}
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def hf_deepspeed_context(ds_config: dict):
+    """Keep transformers' HfDeepSpeedConfig alive so from_pretrained partitions weights while loading
+    (ZeRO-3): no rank ever holds the full model."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def build_engine(cfg: Config, module: nn.Module, num_training_steps: int, micro_batches_per_step: int,
+                 trainable: bool = True, ds_config: dict | None = None):
+    """Wrap `module` (a PolicyModule) in the configured engine."""
+    if cfg.model.gradient_checkpointing and trainable:
+        module.hf.activation_checkpointing_enable()
+    if cfg.train.engine == "fsdp2":
+        if not dist.is_initialized():
+            raise RuntimeError("the fsdp2 engine needs torch.distributed: launch with torchrun")
+        return FSDP2Engine(cfg, module, num_training_steps, trainable=trainable)
+    if ds_config is None:
+        ds_config = load_deepspeed_config(cfg, micro_batches_per_step)
+    return DeepSpeedEngine(cfg, module, num_training_steps, micro_batches_per_step, ds_config, trainable=trainable)

@@ -1,0 +1,59 @@
+"""The root module the engines wrap: HF model -> completion hidden states -> fused kernels.
+
+Only the completion positions ever meet the lm_head, and only inside kernels.linear_* (chunked over
+the vocabulary), so the [tokens, vocab] logits are never materialised for the prompt, the video
+tokens, or the completion.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+
+
+class PolicyModule(nn.Module):
+    """Wraps a Qwen2.5-VL `*ForConditionalGeneration` (`.model` trunk + `.lm_head`).
+
+    forward(mode="logprobs") -> float32 [B, C] per-token log-probs of `completion_ids` (no grad).
+    forward(mode="loss", advantages=..., completion_mask=..., loss_kwargs=...) -> (loss, metrics)
+        via kernels.linear_grpo_loss.
+    generate(**kw) -> the HF model's generate (the engines gather the weights around it).
+    """
+
+    def __init__(self, hf_model: nn.Module, kernel_backend: str = "auto", temperature: float = 1.0):
+        super().__init__()
+        self.hf = hf_model
+        self.kernel_backend = kernel_backend
+        self.temperature = temperature
+
+    def completion_hidden(self, model_inputs: dict, prompt_len: int, completion_len: int) -> torch.Tensor:
+        """Last hidden states that predict the completion tokens: [B, C, H].
+
+        model_inputs holds input_ids [B, P + C] (prompt then completion), attention_mask and the
+        vision tensors; position t's hidden state predicts token t + 1, so the completion's
+        predictors are positions P - 1 .. P + C - 2.
+        """
+        out = self.hf.model(**model_inputs, use_cache=False, return_dict=True)
+        return out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + completion_len]
+
+    def forward(self, model_inputs: dict, prompt_len: int, completion_ids: torch.Tensor, mode: str = "loss",
+                advantages: torch.Tensor | None = None, completion_mask: torch.Tensor | None = None,
+                loss_kwargs: dict | None = None):
+        hidden = self.completion_hidden(model_inputs, prompt_len, completion_ids.shape[1])
+        weight = self.hf.lm_head.weight
+        bias = getattr(self.hf.lm_head, "bias", None)
+        if mode == "logprobs":
+            return kernels.linear_selective_logprobs(
+                hidden, weight, completion_ids, bias=bias, temperature=self.temperature, backend=self.kernel_backend
+            )
+        if mode != "loss":
+            raise ValueError(f"mode must be 'loss' or 'logprobs', got {mode!r}")
+        return kernels.linear_grpo_loss(
+            hidden, weight, completion_ids, advantages, completion_mask, bias=bias,
+            temperature=self.temperature, backend=self.kernel_backend, **(loss_kwargs or {}),
+        )
+
+    def generate(self, **kwargs):
+        return self.hf.generate(**kwargs)

@@ -1,0 +1,142 @@
+"""From a dataset row to model inputs, and from generated ids to completions.
+
+One prompt's inputs are built once and used for every rollout and for training, so rollout and
+training see the same input_ids, vision tensors and second_per_grid_ts (Video-R1's trainer drops
+second_per_grid_ts for training but not for generation; we keep them equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from videor1 import vision
+from videor1.config import DataConfig, RolloutConfig
+from videor1.data import resolve_media_path
+from videor1.prompts import build_messages
+from videor1.tgrpo import shuffle_permutation
+
+MERGE = 2  # Qwen2.5-VL spatial merge size: one LLM token per 2x2 patches
+
+
+@dataclasses.dataclass
+class Prompt:
+    """One dataset row, ready for generate and for the policy forward.
+
+    input_ids: int64 [P] (chat template with the vision pad token expanded to grid.prod() / 4)
+    vision: model kwargs of one sample (pixel_values_videos [N, 1176], video_grid_thw [1, 3],
+        second_per_grid_ts [1]; or pixel_values / image_grid_thw for an image)
+    shuffled_vision: the same for the shuffled-frame copy, or None (images, or plain GRPO)
+    """
+
+    row: dict
+    input_ids: torch.Tensor
+    vision: dict
+    shuffled_vision: dict | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.row["data_type"] == "video"
+
+
+def _expand_pad(text: str, token: str, count: int) -> str:
+    if text.count(token) != 1:
+        raise ValueError(f"chat template rendered {text.count(token)} {token} tokens, expected 1")
+    return text.replace(token, token * count)
+
+
+def prepare_prompt(row: dict, processor, data: DataConfig, data_root: str, *, shuffled: bool,
+                   generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Prompt:
+    """Decode the row's media, build its patches and token ids. Raises vision.MediaDecodeError for
+    media that cannot be read (the caller counts and skips it; nothing is substituted)."""
+    path = resolve_media_path(row, data_root)
+    text = processor.apply_chat_template(build_messages(row), tokenize=False, add_generation_prompt=True)
+    shuffled_vision = None
+    if row["data_type"] == "video":
+        frames, meta = vision.load_video(path, fps=data.fps, min_frames=data.min_frames, max_frames=data.max_frames)
+        px = dict(min_pixels=data.video_min_pixels, max_pixels=data.video_max_pixels, dtype=dtype)
+        pixels, grid = vision.frames_to_patches(frames, **px)
+        sec = torch.tensor([float(meta.second_per_grid_t)])
+        vis = {"pixel_values_videos": pixels, "video_grid_thw": grid.view(1, 3), "second_per_grid_ts": sec}
+        if shuffled:
+            order = shuffle_permutation(frames.shape[0], generator)
+            s_pixels, _ = vision.frames_to_patches(frames, frame_order=order, **px)
+            shuffled_vision = dict(vis, pixel_values_videos=s_pixels)
+        text = _expand_pad(text, "<|video_pad|>", int(grid.prod()) // MERGE**2)
+    else:
+        image = vision.load_image(path)
+        pixels, grid = vision.image_to_patches(
+            image, min_pixels=data.image_min_pixels, max_pixels=data.image_max_pixels, dtype=dtype
+        )
+        vis = {"pixel_values": pixels, "image_grid_thw": grid.view(1, 3)}
+        text = _expand_pad(text, "<|image_pad|>", int(grid.prod()) // MERGE**2)
+    ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return Prompt(row=row, input_ids=ids, vision=vis, shuffled_vision=shuffled_vision)
+
+
+def repeat_vision(vision_inputs: dict, n: int) -> dict:
+    """The vision kwargs of one sample repeated for n sequences (HF concatenates patches per sample)."""
+    out = {}
+    for key, value in vision_inputs.items():
+        out[key] = value.repeat(n) if key == "second_per_grid_ts" else value.repeat(n, 1)
+    return out
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """int64 [B, C]: 1 up to and including the first EOS of each row (all 1 when there is none)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    length = completion_ids.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], length, dtype=torch.long))
+    return (torch.arange(length, device=completion_ids.device)[None] <= first[:, None]).long()
+
+
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """Ids a completion must never contain: a generated <|video_pad|> would be read as a vision slot."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
+@torch.no_grad()
+def generate(module, prompt: Prompt, vision_inputs: dict, num: int, cfg: RolloutConfig, eos_ids: list[int],
+             pad_id: int, *, suppress_ids: list[int] | None = None, do_sample: bool = True,
+             top_p: float | None = None, temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num` sampled completions of one prompt (KV cache on).
+
+    Returns completion_ids int64 [num, C] (C <= max_completion_length, padded with pad_id after EOS)
+    and completion_mask int64 [num, C]. `suppress_ids` (the vision tokens) are never sampled.
+    """
+    ids = prompt.input_ids[None]
+    kwargs = dict(max_new_tokens=cfg.max_completion_length, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
+                  num_return_sequences=num, do_sample=do_sample, suppress_tokens=suppress_ids or None,
+                  # The engines gather the full weights for the whole rollout phase, so ranks need not
+                  # step in lockstep (and they can't: ranks generate for different numbers of prompts).
+                  synced_gpus=False)
+    if do_sample:
+        kwargs.update(temperature=temperature or cfg.temperature, top_p=top_p or cfg.top_p, top_k=cfg.top_k or None)
+    out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vision_inputs, **kwargs)
+    completion = out[:, ids.shape[1]:]
+    if completion.shape[1] == 0:  # generate returned nothing new: an empty, fully masked completion
+        completion = torch.full((num, 1), pad_id, dtype=torch.long)
+        return completion, torch.zeros_like(completion)
+    mask = completion_mask(completion, eos_ids)
+    return completion.masked_fill(mask == 0, pad_id), mask
+
+
+def training_inputs(prompt: Prompt, completion_ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Model kwargs for the policy/reference forward over prompt + completions: input_ids [B, P + C]."""
+    b = completion_ids.shape[0]
+    prompt_ids = prompt.input_ids[None].expand(b, -1)
+    return {
+        "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+        "attention_mask": torch.cat([torch.ones_like(prompt_ids), mask], dim=1),
+        **repeat_vision(prompt.vision, b),
+    }
+
+
+def decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Completion texts as the rewards see them (special tokens skipped, as Video-R1)."""
+    return [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True) for ids, m in zip(completion_ids, mask)]
