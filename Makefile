@@ -28,7 +28,7 @@ $(DEPS_STAMP): requirements.txt | $(PY)
 
 $(BUILD_STAMP): $(DEPS_STAMP) setup.py $(CSRC)
 	$(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "setup.py:|nvcc|error|Successfully" ; test $${PIPESTATUS[0]} -eq 0
-	$(PY) -c "import videor1._C as C; print('videor1._C built, CUDA kernels compiled and linked:', C.cuda_built())"
+	$(PY) -c "import torch, videor1._C as C; print('videor1._C built, CUDA kernels compiled and linked:', C.cuda_built())"
 	touch $@
 
 setup: $(BUILD_STAMP)

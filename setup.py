@@ -54,10 +54,17 @@ def _want_cuda() -> bool:
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     include_dirs = [os.path.join(HERE, "csrc")]
-    cxx = ["-O3"]  # torch sets the C++ standard (C++20 for 2.14)
+    # torch sets the C++ standard (C++20 for 2.14). -fopenmp: at::parallel_for is an inline OpenMP
+    # region compiled into our code, serial without it; linking -fopenmp binds to the libgomp.so.1
+    # torch has already loaded. No -march: the AVX2 kernels use target attributes and are picked at
+    # run time, so the build stays portable.
+    cxx = ["-O3", "-fopenmp"]
+    ldflags = ["-fopenmp"]
     if not _want_cuda():
         print("setup.py: building videor1._C for CPU only", flush=True)
-        return CppExtension("videor1._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        return CppExtension(
+            "videor1._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=ldflags
+        )
 
     # torch's CUDA headers include cusparse.h etc., which the pip CUDA wheels ship under nvidia/cu13.
     for site in sys.path:
@@ -77,6 +84,7 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=[("VIDEOR1_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx + ["-DVIDEOR1_WITH_CUDA=1"], "nvcc": nvcc},
+        extra_link_args=ldflags,
     )
 
 
