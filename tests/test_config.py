@@ -74,3 +74,11 @@ def test_config_files_in_repo_load():
     files = glob.glob("configs/*.yaml")
     for f in files:
         assert isinstance(load_config(f), Config), f
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-6\n")
+    assert load_config(str(path), ["--optim.weight_decay", "2e-3"]).optim.lr == 1e-6
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        load_config(None, ["--optim.lr", "fast"])

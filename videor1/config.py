@@ -52,6 +52,7 @@ class DataConfig:
     max_skip_rate: float = _f(0.05, ge=0, le=1)  # stop when more samples than this fail to load
     skip_rate_min_samples: int = _f(50, ge=1)  # ... judged once this many samples were attempted
     shuffle: bool = True
+    cache_media: bool = False  # keep decoded frames in memory (small datasets, many epochs)
 
 
 @dataclass
@@ -115,6 +116,13 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    # "assistant": loss on the assistant turn only (prompt and vision tokens masked);
+    # "all_but_vision": Video-R1's SFT, every token but padding and vision placeholders.
+    loss_on: str = _f("assistant", choices=("assistant", "all_but_vision"))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -122,6 +130,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def validate(self) -> "Config":
         """Cross-field checks (per-field ranges are checked while building)."""
@@ -177,6 +186,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)

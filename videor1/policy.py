@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 
@@ -19,6 +20,8 @@ class PolicyModule(nn.Module):
     forward(mode="logprobs") -> float32 [B, C] per-token log-probs of `completion_ids` (no grad).
     forward(mode="loss", advantages=..., completion_mask=..., loss_kwargs=...) -> (loss, metrics)
         via kernels.linear_grpo_loss.
+    forward(mode="sft", label_mask=...) -> (mean token cross-entropy, number of label tokens); only
+        the labelled positions meet the lm_head, in checkpointed chunks.
     generate(**kw) -> the HF model's generate (the engines gather the weights around it).
     """
 
@@ -38,9 +41,12 @@ class PolicyModule(nn.Module):
         out = self.hf.model(**model_inputs, use_cache=False, return_dict=True)
         return out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + completion_len]
 
-    def forward(self, model_inputs: dict, prompt_len: int, completion_ids: torch.Tensor, mode: str = "loss",
-                advantages: torch.Tensor | None = None, completion_mask: torch.Tensor | None = None,
-                loss_kwargs: dict | None = None):
+    def forward(self, model_inputs: dict, prompt_len: int = 0, completion_ids: torch.Tensor | None = None,
+                mode: str = "loss", advantages: torch.Tensor | None = None,
+                completion_mask: torch.Tensor | None = None, loss_kwargs: dict | None = None,
+                label_mask: torch.Tensor | None = None):
+        if mode == "sft":
+            return self.sft_loss(model_inputs, label_mask)
         hidden = self.completion_hidden(model_inputs, prompt_len, completion_ids.shape[1])
         weight = self.hf.lm_head.weight
         bias = getattr(self.hf.lm_head, "bias", None)
@@ -54,6 +60,25 @@ class PolicyModule(nn.Module):
             hidden, weight, completion_ids, advantages, completion_mask, bias=bias,
             temperature=self.temperature, backend=self.kernel_backend, **(loss_kwargs or {}),
         )
+
+    def sft_loss(self, model_inputs: dict, label_mask: torch.Tensor, chunk: int = 1024):
+        """Next-token cross-entropy on the positions where label_mask [B, T] is set (token mean)."""
+        out = self.hf.model(**model_inputs, use_cache=False, return_dict=True)
+        select = label_mask[:, 1:].bool()  # hidden state t predicts token t + 1
+        hidden = out.last_hidden_state[:, :-1][select]
+        targets = model_inputs["input_ids"][:, 1:][select]
+        weight, bias = self.hf.lm_head.weight, getattr(self.hf.lm_head, "bias", None)
+
+        def chunk_ce(h, t, w):
+            logits = torch.nn.functional.linear(h, w, bias).float()
+            return torch.nn.functional.cross_entropy(logits, t, reduction="sum")
+
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):  # the [n, V] logits live one chunk at a time
+            total = total + checkpoint(chunk_ce, hidden[start:start + chunk], targets[start:start + chunk],
+                                       weight, use_reentrant=False)
+        n = int(select.sum())
+        return total / max(1, n), n
 
     def generate(self, **kwargs):
         return self.hf.generate(**kwargs)

@@ -46,33 +46,54 @@ def _expand_pad(text: str, token: str, count: int) -> str:
     return text.replace(token, token * count)
 
 
-def prepare_prompt(row: dict, processor, data: DataConfig, data_root: str, *, shuffled: bool,
-                   generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Prompt:
-    """Decode the row's media, build its patches and token ids. Raises vision.MediaDecodeError for
-    media that cannot be read (the caller counts and skips it; nothing is substituted)."""
+@dataclasses.dataclass
+class Media:
+    """A row's decoded media: uint8 frames [T, H, W, 3] with their sampling meta, or one image [H, W, 3]."""
+
+    frames: torch.Tensor
+    second_per_grid_t: float | None = None
+
+
+def load_media(row: dict, data: DataConfig, data_root: str) -> Media:
+    """Decode a row's video (frames sampled as configured) or image. Raises vision.MediaDecodeError
+    for media that cannot be read (the caller counts and skips it; nothing is substituted)."""
     path = resolve_media_path(row, data_root)
+    if row["data_type"] == "video":
+        frames, meta = vision.load_video(path, fps=data.fps, min_frames=data.min_frames, max_frames=data.max_frames)
+        return Media(frames, float(meta.second_per_grid_t))
+    return Media(vision.load_image(path))
+
+
+def build_prompt(row: dict, media: Media, processor, data: DataConfig, *, shuffled: bool,
+                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Prompt:
+    """Patches (fused frame-to-patch kernel) and token ids of a row; a shuffled-frame copy when asked."""
     text = processor.apply_chat_template(build_messages(row), tokenize=False, add_generation_prompt=True)
     shuffled_vision = None
     if row["data_type"] == "video":
-        frames, meta = vision.load_video(path, fps=data.fps, min_frames=data.min_frames, max_frames=data.max_frames)
         px = dict(min_pixels=data.video_min_pixels, max_pixels=data.video_max_pixels, dtype=dtype)
-        pixels, grid = vision.frames_to_patches(frames, **px)
-        sec = torch.tensor([float(meta.second_per_grid_t)])
+        pixels, grid = vision.frames_to_patches(media.frames, **px)
+        sec = torch.tensor([media.second_per_grid_t])
         vis = {"pixel_values_videos": pixels, "video_grid_thw": grid.view(1, 3), "second_per_grid_ts": sec}
         if shuffled:
-            order = shuffle_permutation(frames.shape[0], generator)
-            s_pixels, _ = vision.frames_to_patches(frames, frame_order=order, **px)
+            order = shuffle_permutation(media.frames.shape[0], generator)
+            s_pixels, _ = vision.frames_to_patches(media.frames, frame_order=order, **px)
             shuffled_vision = dict(vis, pixel_values_videos=s_pixels)
         text = _expand_pad(text, "<|video_pad|>", int(grid.prod()) // MERGE**2)
     else:
-        image = vision.load_image(path)
         pixels, grid = vision.image_to_patches(
-            image, min_pixels=data.image_min_pixels, max_pixels=data.image_max_pixels, dtype=dtype
+            media.frames, min_pixels=data.image_min_pixels, max_pixels=data.image_max_pixels, dtype=dtype
         )
         vis = {"pixel_values": pixels, "image_grid_thw": grid.view(1, 3)}
         text = _expand_pad(text, "<|image_pad|>", int(grid.prod()) // MERGE**2)
     ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     return Prompt(row=row, input_ids=ids, vision=vis, shuffled_vision=shuffled_vision)
+
+
+def prepare_prompt(row: dict, processor, data: DataConfig, data_root: str, *, shuffled: bool,
+                   generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Prompt:
+    """load_media + build_prompt."""
+    return build_prompt(row, load_media(row, data, data_root), processor, data, shuffled=shuffled,
+                        generator=generator, dtype=dtype)
 
 
 def repeat_vision(vision_inputs: dict, n: int) -> dict:

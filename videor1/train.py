@@ -27,18 +27,14 @@ from collections import Counter
 import torch
 
 from videor1 import distributed as D
-from videor1.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from videor1.config import Config, ConfigError, parse_cli, to_dict
+from videor1 import session
+from videor1.config import Config, ConfigError, parse_cli
 from videor1.data import load_rows
-from videor1.engine import build_engine, hf_deepspeed_context, load_deepspeed_config
 from videor1.metrics import MetricsLogger, StepTimer, peak_memory_gb, plot_curves, read_metrics, summary_table
-from videor1.model import load_model, load_processor
-from videor1.policy import PolicyModule
 from videor1.rewards import get_reward
-from videor1.rollout import decode, generate, prepare_prompt, training_inputs, vision_token_ids
+from videor1.rollout import decode, generate, training_inputs, vision_token_ids
 from videor1.sampler import PromptSampler
 from videor1.tgrpo import group_advantages, group_rewards
-from videor1.vision import MediaDecodeError
 
 log = logging.getLogger("videor1.train")
 
@@ -51,14 +47,7 @@ SUMMARY_KEYS = ["loss", "reward", "reward/accuracy", "reward/format", "acc/order
 
 
 def check_config(cfg: Config) -> None:
-    if not os.path.isfile(cfg.data.train_file):
-        raise ConfigError(f"data.train_file not found: {cfg.data.train_file!r}")
-    if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
-        raise ConfigError(f"model.path is not a checkpoint directory (no config.json): {cfg.model.path!r}")
-    if cfg.train.engine == "deepspeed" and not os.path.isfile(cfg.train.deepspeed_config):
-        raise ConfigError(f"train.deepspeed_config not found: {cfg.train.deepspeed_config!r}")
-    if cfg.train.resume_from not in ("", "auto") and not os.path.isdir(cfg.train.resume_from):
-        raise ConfigError(f"train.resume_from not found: {cfg.train.resume_from!r}")
+    session.check_paths(cfg)
     for module in cfg.algo.reward_modules:
         importlib.import_module(module)  # lets user modules @register_reward before names are checked
     if "accuracy" not in cfg.algo.rewards:
@@ -96,35 +85,6 @@ class SafeRewards:
                     vals.append(0.0)
             out[name] = torch.tensor(vals)
         return out
-
-
-class PromptStream:
-    """Rows for this rank; undecodable media are skipped (logged, counted), never substituted."""
-
-    def __init__(self, cfg: Config, rows: list[dict], processor, sampler: PromptSampler, generator: torch.Generator):
-        self.cfg, self.rows, self.processor, self.sampler, self.generator = cfg, rows, processor, sampler, generator
-        self.data_root = cfg.data.data_root or os.path.dirname(os.path.abspath(cfg.data.train_file))
-        self.attempted = self.skipped = 0
-
-    def take(self, n: int) -> list:
-        prompts = []
-        while len(prompts) < n:
-            row = self.rows[self.sampler.next()]
-            self.attempted += 1
-            try:
-                prompts.append(prepare_prompt(row, self.processor, self.cfg.data, self.data_root,
-                                              shuffled=self.cfg.algo.temporal, generator=self.generator))
-            except (MediaDecodeError, FileNotFoundError) as e:
-                self.skipped += 1
-                log.warning("skipping problem %s: %s", row["problem_id"], e)
-                self.check_rate(self.skipped, self.attempted)
-        return prompts
-
-    def check_rate(self, skipped: int, attempted: int) -> None:
-        limit = self.cfg.data.max_skip_rate
-        if attempted >= self.cfg.data.skip_rate_min_samples and skipped > limit * attempted:
-            raise RuntimeError(f"{skipped} of {attempted} samples could not be loaded ({skipped / attempted:.1%}), "
-                               f"over data.max_skip_rate={limit:.1%}: check data.data_root and the media files")
 
 
 @dataclasses.dataclass
@@ -178,51 +138,22 @@ def main(argv: list[str] | None = None) -> str:
     Gs = G // 2 if cfg.rollout.num_shuffled < 0 else cfg.rollout.num_shuffled
 
     # Models: the policy (trained) and the frozen reference, sharded the same way.
-    processor = load_processor(cfg.model.path)
+    processor, policy, reference = session.build_models(cfg, total_steps, groups_per_step, cfg.algo.beta > 0)
     tok = processor.tokenizer
-    eos_ids = sorted({tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None, tok.unk_token_id})
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+    eos_ids, pad_id = session.special_ids(tok)
     suppress = vision_token_ids(tok)
-    ds_config = load_deepspeed_config(cfg, groups_per_step) if cfg.train.engine == "deepspeed" else None
-    ds_keep = hf_deepspeed_context(ds_config) if ds_config and ds_config["zero_optimization"].get("stage") == 3 else None
-
-    def wrapped(trainable: bool):
-        hf = load_model(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
-        module = PolicyModule(hf, kernel_backend=cfg.algo.kernel_backend, temperature=cfg.rollout.temperature)
-        if not trainable:
-            module.requires_grad_(False)
-        return build_engine(cfg, module, total_steps, groups_per_step, trainable=trainable, ds_config=ds_config)
-
-    policy = wrapped(trainable=True)
-    reference = wrapped(trainable=False) if cfg.algo.beta > 0 else None
-    del ds_keep
 
     # Resume: model, optimiser, scheduler, RNGs and data position, so the next steps match exactly.
-    start_step, stream_counts = 0, {"attempted": 0, "skipped": 0}
-    resume = latest_checkpoint(cfg.train.output_dir) if cfg.train.resume_from == "auto" else cfg.train.resume_from
-    if resume:
-        state, mine = load_checkpoint(resume, policy)
-        start_step, stream_counts = state["step"], state["stream"]
-        sampler.load_state_dict(mine["sampler"])
-        set_rng_state(mine["rng"], {"shuffle": shuffle_gen})
-        if main_rank:
-            log.info("resumed from %s at step %d", resume, start_step)
-    stream = PromptStream(cfg, rows, processor, sampler, shuffle_gen)
-    stream.attempted, stream.skipped = stream_counts["attempted"], stream_counts["skipped"]
+    generators = {"shuffle": shuffle_gen}
+    stream = session.PromptStream(cfg, rows, processor, sampler, shuffle_gen, shuffled=cfg.algo.temporal)
+    start_step = session.resume(cfg, policy, stream, generators)
     rewards = SafeRewards(cfg.algo.rewards)
     logger = MetricsLogger(cfg.train.output_dir, cfg.train.tensorboard, main_rank, resume_step=start_step)
+    session.write_run_config(cfg)
     if main_rank:
-        with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            import yaml
-
-            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
         log.info("T-GRPO: %d steps, %d ranks x %d prompts/step, G=%d ordered + %d shuffled rollouts, engine=%s",
                  total_steps, world, groups_per_step, G, Gs if cfg.algo.temporal else 0, cfg.train.engine)
-    progress = None
-    if main_rank:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=start_step, desc="T-GRPO", dynamic_ncols=True)
+    progress = session.progress_bar(total_steps, start_step, "T-GRPO")
 
     loss_kwargs = dict(beta=cfg.algo.beta, eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high,
                        loss_type=cfg.algo.loss_type, importance_level=cfg.algo.importance_level,
@@ -325,16 +256,13 @@ def main(argv: list[str] | None = None) -> str:
 
         # 7. Checkpoint (atomic: written to a temp dir, then renamed).
         if cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0 and step + 1 < total_steps:
-            save_checkpoint(cfg.train.output_dir, step + 1, policy,
-                            {"stream": {"attempted": stream.attempted, "skipped": stream.skipped}},
-                            {"sampler": sampler.state_dict(), "rng": rng_state({"shuffle": shuffle_gen})})
+            session.checkpoint(cfg, step + 1, policy, stream, generators)
 
     # Final model in HF format (from_pretrained loads it), then the summary and the plot.
     final_dir = os.path.join(cfg.train.output_dir, "final")
-    sd = policy.full_state_dict()
+    session.save_final(policy, processor, final_dir)
     if main_rank:
         progress.close()
-        save_hf(policy.module.hf, sd, processor, final_dir)
         records = read_metrics(logger.path)
         print("\n" + summary_table(records, SUMMARY_KEYS + ["time/rollout", "time/reference", "time/policy",
                                                            "time/optimizer", "time/step", "tokens_per_s"]))
@@ -342,21 +270,8 @@ def main(argv: list[str] | None = None) -> str:
                           f"T-GRPO ({'temporal' if cfg.algo.temporal else 'plain GRPO'})")
         print(f"final model: {final_dir}\nmetrics: {logger.path}\nplot: {png}")
     logger.close()
-    D.barrier()
     D.cleanup()
     return final_dir
-
-
-def save_hf(hf_model, state_dict: dict, processor, out_dir: str) -> None:
-    """Write an HF checkpoint (config, safetensors, processor) that from_pretrained loads; atomic."""
-    import shutil
-
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf_model.save_pretrained(tmp, state_dict=state_dict)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""CoT SFT, Video-R1's first stage: train on the row's reasoning and answer.
+
+    torchrun --nproc_per_node=8 videor1/sft.py --config configs/qwen25vl_7b_sft_8gpu.yaml
+    torchrun --nproc_per_node=2 videor1/sft.py --config configs/tiny_sft_cpu.yaml
+
+The prompt is the trainer's (same template, same patches); the assistant turn is
+`process + "\\n" + solution` then <|im_end|>. The loss covers the assistant tokens only by default;
+`sft.loss_on: all_but_vision` reproduces Video-R1, which trains on every token except padding and
+the vision placeholders. Same engines, config, checkpoints and resume as train.py; the output
+(`<output_dir>/final`) is an HF checkpoint that train.py starts from.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # run as a script: don't let videor1/*.py shadow top-level packages
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import logging
+import math
+import time
+
+import torch
+
+from videor1 import distributed as D
+from videor1 import session
+from videor1.config import Config, parse_cli
+from videor1.data import load_rows
+from videor1.metrics import MetricsLogger, StepTimer, peak_memory_gb, plot_curves, read_metrics, summary_table
+from videor1.prompts import build_sft_target
+from videor1.rollout import Prompt
+from videor1.sampler import PromptSampler
+
+log = logging.getLogger("videor1.sft")
+
+
+def sft_example(prompt: Prompt, tokenizer, loss_on: str) -> dict:
+    """One training sequence: input_ids [T] = prompt + target (+ <|im_end|>), label_mask [T]."""
+    target = build_sft_target(prompt.row) + "<|im_end|>"
+    target_ids = tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = torch.cat([prompt.input_ids, target_ids])
+    if loss_on == "assistant":
+        label = torch.cat([torch.zeros_like(prompt.input_ids), torch.ones_like(target_ids)])
+    else:  # Video-R1: everything but the vision placeholders (padding is masked at collation)
+        vision_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
+        label = (~torch.isin(ids, torch.tensor(vision_ids))).long()
+    return {"input_ids": ids, "label_mask": label, "vision": prompt.vision}
+
+
+def collate(examples: list[dict], pad_id: int) -> tuple[dict, torch.Tensor]:
+    """Right-padded batch: model kwargs (input_ids, attention_mask, the samples' vision tensors
+    concatenated in order) and label_mask [B, T] (0 on padding)."""
+    length = max(e["input_ids"].numel() for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    labels = torch.zeros_like(ids)
+    for i, e in enumerate(examples):
+        n = e["input_ids"].numel()
+        ids[i, :n], attn[i, :n], labels[i, :n] = e["input_ids"], 1, e["label_mask"]
+    inputs = {"input_ids": ids, "attention_mask": attn}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        parts = [e["vision"][key] for e in examples if key in e["vision"]]
+        if parts:
+            inputs[key] = torch.cat(parts)
+    return inputs, labels
+
+
+def main(argv: list[str] | None = None) -> str:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg: Config = parse_cli(sys.argv[1:] if argv is None else argv)
+    session.check_paths(cfg)
+    rows = load_rows(cfg.data.train_file)
+
+    D.init_distributed(cfg.train.dist_timeout_s)
+    rank, world, main_rank = D.rank(), D.world_size(), D.is_main()
+    torch.manual_seed(cfg.train.seed * 1000 + rank)
+    sampler = PromptSampler(len(rows), cfg.train.seed, rank, world, cfg.data.shuffle)
+    micro, batch = cfg.optim.grad_accum, cfg.train.per_device_batch_size
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(
+        1, math.ceil(cfg.train.num_epochs * sampler.rows_per_epoch / (micro * batch)))
+
+    processor, model, _ = session.build_models(cfg, total_steps, micro, with_reference=False)
+    tok = processor.tokenizer
+    _, pad_id = session.special_ids(tok)
+    generators: dict[str, torch.Generator] = {}
+    stream = session.PromptStream(cfg, rows, processor, sampler, torch.Generator(), shuffled=False)
+    start_step = session.resume(cfg, model, stream, generators)
+    logger = MetricsLogger(cfg.train.output_dir, cfg.train.tensorboard, main_rank, resume_step=start_step)
+    session.write_run_config(cfg)
+    if main_rank:
+        log.info("CoT SFT: %d steps, %d ranks x %d x %d samples/step, loss on %s, engine=%s", total_steps, world,
+                 micro, batch, cfg.sft.loss_on, cfg.train.engine)
+    progress = session.progress_bar(total_steps, start_step, "SFT")
+
+    for step in range(start_step, total_steps):
+        timer = StepTimer()
+        t0 = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for _ in range(micro):
+            with timer("data"):
+                examples = [sft_example(p, tok, cfg.sft.loss_on) for p in stream.take(batch, homogeneous=True)]
+                inputs, labels = collate(examples, pad_id)
+            with timer("forward_backward"):
+                loss, n = model(inputs, mode="sft", label_mask=labels)
+                model.backward(loss / micro)
+            loss_sum += float(loss) / micro
+            tokens += int(inputs["attention_mask"].sum())
+        with timer("optimizer"):
+            result = model.step()
+        step_time = time.perf_counter() - t0
+        sums = D.all_reduce_sum([loss_sum, tokens, stream.attempted, stream.skipped])
+        record = {"step": step + 1, "loss": float(sums[0]) / world, "grad_norm": result.grad_norm, "lr": result.lr,
+                  "step_skipped": not result.applied, "samples_skipped": int(sums[3]),
+                  **{f"time/{k}": v for k, v in timer.times.items()}, "time/step": step_time,
+                  "tokens_per_s": float(sums[1]) / step_time, "peak_mem_gb": peak_memory_gb()}
+        if not result.applied and main_rank:
+            log.warning("step %d: non-finite gradient (norm %s); update skipped", step + 1, result.grad_norm)
+        stream.check_rate(int(sums[3]), int(sums[2]))
+        logger.log(record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        if cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0 and step + 1 < total_steps:
+            session.checkpoint(cfg, step + 1, model, stream, generators)
+
+    final_dir = os.path.join(cfg.train.output_dir, "final")
+    session.save_final(model, processor, final_dir)
+    if main_rank:
+        progress.close()
+        records = read_metrics(logger.path)
+        print("\n" + summary_table(records, ["loss", "grad_norm", "lr", "time/step", "tokens_per_s"]))
+        plot_curves(records, ["loss", "grad_norm", "lr"], os.path.join(cfg.train.output_dir, "sft_curves.png"), "CoT SFT")
+        print(f"final model: {final_dir}")
+    logger.close()
+    D.cleanup()
+    return final_dir
+
+
+if __name__ == "__main__":
+    main()
