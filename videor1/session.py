@@ -126,7 +126,9 @@ def build_models(cfg: Config, total_steps: int, micro_batches_per_step: int, wit
     keep = hf_deepspeed_context(ds_config) if stage3 else None  # partitioned loading while alive
 
     def wrapped(trainable: bool):
-        hf = load_model(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
+        # The frozen reference needs no fp32 master copy: under bf16 it is held in bf16 (half the memory).
+        dtype = "bfloat16" if not trainable and cfg.train.mixed_precision == "bf16" else cfg.model.dtype
+        hf = load_model(cfg.model.path, dtype, cfg.model.attn_implementation)
         module = PolicyModule(hf, kernel_backend=cfg.algo.kernel_backend, temperature=cfg.rollout.temperature)
         if not trainable:
             module.requires_grad_(False)
