@@ -121,13 +121,36 @@ def format_table(summary: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def _left_padded(prompts: list, shuffle_frames: bool, pad_id: int) -> dict:
+    """generate() kwargs for a batch of prompts of one data_type: input_ids / attention_mask [B, P]
+    left-padded to the longest prompt, and the samples' vision tensors concatenated in order."""
+    length = max(p.input_ids.numel() for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        n = p.input_ids.numel()
+        ids[i, length - n:], attn[i, length - n:] = p.input_ids, 1
+    visions = [p.shuffled_vision if (shuffle_frames and p.shuffled_vision is not None) else p.vision for p in prompts]
+    batch = {"input_ids": ids, "attention_mask": attn}
+    for key in visions[0]:
+        batch[key] = torch.cat([v[key] for v in visions])
+    return batch
+
+
 @torch.no_grad()
 def evaluate(model, processor, rows: list[dict], data_cfg, data_root: str, *, shuffle_frames: bool = False,
-             max_new_tokens: int = 256, sampling: str = "greedy", seed: int = 0, progress: bool = True) -> list[dict]:
-    """Answer and score `rows` with an HF model (no engine: evaluation holds one full copy per rank)."""
+             max_new_tokens: int = 256, sampling: str = "greedy", seed: int = 0, progress: bool = True,
+             batch_size: int = 16) -> list[dict]:
+    """Answer and score `rows` with an HF model (no engine: evaluation holds one full copy per rank).
+
+    Rows are answered `batch_size` at a time (left-padded prompts of one data_type per batch); the
+    results keep the rows' order. A row whose media cannot be decoded scores 0 with an "error" field.
+    """
     from videor1.rollout import Prompt, completion_mask, prepare_prompt, vision_token_ids
     from videor1.vision import MediaDecodeError
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tok = processor.tokenizer
     eos_ids = sorted({tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None, tok.unk_token_id})
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
@@ -136,33 +159,53 @@ def evaluate(model, processor, rows: list[dict], data_cfg, data_root: str, *, sh
                   suppress_tokens=vision_token_ids(tok), synced_gpus=False)
     kwargs.update(do_sample=False) if sampling == "greedy" else kwargs.update(do_sample=True, temperature=0.1, top_p=0.001)
     device = next(model.parameters()).device
-    results = []
-    iterator = rows
+    results: list[dict | None] = [None] * len(rows)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(rows, desc="eval (shuffled frames)" if shuffle_frames else "eval", dynamic_ncols=True, leave=False)
-    for row in iterator:
+        bar = tqdm(total=len(rows), desc="eval (shuffled frames)" if shuffle_frames else "eval", dynamic_ncols=True,
+                   leave=False)
+    pending: dict[str, list[tuple[int, Prompt]]] = {}  # data_type -> prompts waiting for a full batch
+
+    def answer(batch: list[tuple[int, Prompt]]) -> None:
+        inputs = _left_padded([p for _, p in batch], shuffle_frames, pad_id)
+        out = model.generate(**{k: v.to(device) for k, v in inputs.items()}, **kwargs)
+        completion = out[:, inputs["input_ids"].shape[1]:].cpu()
+        masks = completion_mask(completion, eos_ids).bool() if completion.shape[1] else None
+        for j, (i, p) in enumerate(batch):
+            ids = completion[j][masks[j]].tolist() if masks is not None else []
+            text = tok.decode(ids, skip_special_tokens=True)
+            results[i] = {**p.row, "output": text, "prediction": extract_answer(text) or text.strip(),
+                          "score": score(text, p.row), "shuffled_frames": shuffle_frames}
+        if bar is not None:
+            bar.update(len(batch))
+
+    for i, row in enumerate(rows):
         try:
             p: Prompt = prepare_prompt(row, processor, data_cfg, data_root, shuffled=shuffle_frames, generator=gen)
         except (MediaDecodeError, FileNotFoundError) as e:
-            results.append({**row, "output": "", "score": 0.0, "error": str(e)})
+            results[i] = {**row, "output": "", "score": 0.0, "error": str(e)}
+            if bar is not None:
+                bar.update(1)
             continue
-        vision = p.shuffled_vision if (shuffle_frames and p.shuffled_vision is not None) else p.vision
-        ids = p.input_ids[None].to(device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             **{k: v.to(device) for k, v in vision.items()}, **kwargs)
-        completion = out[:, ids.shape[1]:].cpu()
-        mask = completion_mask(completion, eos_ids)[0].bool() if completion.numel() else torch.zeros(0, dtype=torch.bool)
-        text = tok.decode(completion[0][mask].tolist(), skip_special_tokens=True)
-        results.append({**row, "output": text, "prediction": extract_answer(text) or text.strip(),
-                        "score": score(text, row), "shuffled_frames": shuffle_frames})
+        waiting = pending.setdefault(row["data_type"], [])
+        waiting.append((i, p))
+        if len(waiting) == batch_size:
+            answer(waiting)
+            pending[row["data_type"]] = []
+    for waiting in pending.values():
+        if waiting:
+            answer(waiting)
+    if bar is not None:
+        bar.close()
     return results
 
 
 def run(model_dir: str, data_file: str, *, data_cfg=None, data_root: str | None = None, benchmark: str | None = None,
         shuffle_frames: bool = False, out_file: str | None = None, max_new_tokens: int = 256,
-        sampling: str = "greedy", seed: int = 0, limit: int | None = None, quiet: bool = False) -> dict | None:
+        sampling: str = "greedy", seed: int = 0, limit: int | None = None, quiet: bool = False,
+        batch_size: int = 16) -> dict | None:
     """Evaluate on every row (split over ranks when distributed); rank 0 writes the JSONL and returns
     the summary (other ranks return None)."""
     from videor1.model import load_model, load_processor
@@ -177,7 +220,7 @@ def run(model_dir: str, data_file: str, *, data_cfg=None, data_root: str | None 
     t0 = time.perf_counter()
     results = evaluate(model, processor, mine, data_cfg, data_root, shuffle_frames=shuffle_frames,
                        max_new_tokens=max_new_tokens, sampling=sampling, seed=seed + D.rank(),
-                       progress=D.is_main() and not quiet)
+                       progress=D.is_main() and not quiet, batch_size=batch_size)
     parts = D.all_gather_objects(results)
     if not D.is_main():
         return None
@@ -208,12 +251,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts answered together (left-padded)")
     ap.add_argument("--out", default=None, help="per-row JSONL output")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     data_cfg = load_config(args.config).data if args.config else Config().data
     summary = run(args.model, args.data, data_cfg=data_cfg, data_root=args.data_root, benchmark=args.benchmark,
                   shuffle_frames=args.shuffle_frames, out_file=args.out, max_new_tokens=args.max_new_tokens,
-                  sampling=args.sampling, seed=args.seed, limit=args.limit)
+                  sampling=args.sampling, seed=args.seed, limit=args.limit,
+                  batch_size=args.batch_size)
     D.cleanup()
     return summary
 

@@ -8,7 +8,8 @@ DIR/videos/*.mp4 (libx264, yuv420p), DIR/images/*.png|jpg and DIR/<split>.manife
 with what each file declares (frame count, size, fps) and the scene that was drawn (the ground
 truth), which the tests check against the decoded pixels.
 
-Scenes are coloured shapes and white words on a black background. Every task is a small function
+Scenes are coloured shapes and white words on a grey background (the processor's normalisation
+mean, so the background is ~0 after normalisation, see BACKGROUND). Every task is a small function
 in the TASKS registry; its docstring says whether one frame, or the frames in any order, suffice.
 Most video tasks need the frames in order: reversing the video (same frames, other order) changes
 their answer. The temporal changes (a colour switch, an object appearing) happen between frames
@@ -30,6 +31,7 @@ the same templates, so it covers every emitted string by construction (the token
 from __future__ import annotations
 
 import argparse
+import contextvars
 import functools
 import hashlib
 import itertools
@@ -72,7 +74,12 @@ IMAGE_COUNTS = ("1", "2", "3", "4", "5")
 EVENTS = ("appears", "disappears")
 LETTERS = ("A", "B", "C", "D")
 
-BACKGROUND = (0, 0, 0)
+# The OpenAI CLIP mean that Qwen2.5-VL's processor subtracts, in 0..255: the background normalises to
+# ~0, so a patch of background embeds to ~0 (the patch embedding has no bias) and only the shapes
+# speak. On black, every patch embeds to one large constant vector that drowns the shapes: the tiny
+# model's vision tower then learned motion direction far slower (measured: chance after 600 steps of
+# a direct probe on black, 100% held-out after 400 on this grey; docs/demo.md).
+BACKGROUND = (123, 117, 104)
 TEXT_RGB = (255, 255, 255)
 # libx264 constant rate factor. 4 keeps the High profile (crf 0 switches to High 4:4:4 Predictive,
 # which hardware decoders refuse) and decodes shape interiors within ~14 levels of the drawn RGB
@@ -207,11 +214,11 @@ def text_mask(word: str, font_size: int) -> np.ndarray:
 
 
 def _video(geom: Geometry) -> np.ndarray:
-    return np.zeros((geom.frames, geom.size, geom.size, 3), np.uint8)
+    return np.full((geom.frames, geom.size, geom.size, 3), BACKGROUND, np.uint8)
 
 
 def _image(geom: Geometry) -> np.ndarray:
-    return np.zeros((geom.size, geom.size, 3), np.uint8)
+    return np.full((geom.size, geom.size, 3), BACKGROUND, np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,9 +306,21 @@ def _position(rng: np.random.Generator, geom: Geometry) -> tuple[int, int]:
     return int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
 
 
+# Canonical label order for OPTION_ORDERS "fixed": the order of the vocabulary tuples.
+_CANONICAL = {label: i for i, label in enumerate((*DIRECTIONS, *COLORS, *EVENTS, *SHAPES))}
+OPTION_ORDERS = ("shuffled", "fixed")
+_option_order: contextvars.ContextVar[str] = contextvars.ContextVar("option_order", default="shuffled")
+
+
 def _multiple_choice(rng: np.random.Generator, answer: str, labels: Sequence[str], option: Template):
-    """Options in a uniformly random order; returns (option strings, letter of `answer`)."""
+    """Options in a uniformly random order, or (generate_dataset(option_order="fixed")) in the
+    vocabulary's order (A. left, B. right, C. up, D. down); returns (option strings, letter of `answer`).
+
+    The permutation is drawn either way, so both orders give the same scenes from the same seed.
+    """
     order = [labels[i] for i in rng.permutation(len(labels))]
+    if _option_order.get() == "fixed":
+        order = sorted(labels, key=_CANONICAL.__getitem__)
     letter = LETTERS[order.index(answer)]
     return [option.render(letter=LETTERS[i], label=label) for i, label in enumerate(order)], letter
 
@@ -755,7 +774,7 @@ def content_key(task: str, scene: dict, geom: Geometry) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
-def _check_args(out_dir, n, seed, split, size, frames, fps, tasks) -> tuple[str, ...]:
+def _check_args(out_dir, n, seed, split, size, frames, fps, tasks, option_order="shuffled") -> tuple[str, ...]:
     def bad(name: str, need: str, got) -> ValueError:
         return ValueError(f"generate_dataset: argument '{name}' must be {need}, got {got!r}")
 
@@ -770,6 +789,8 @@ def _check_args(out_dir, n, seed, split, size, frames, fps, tasks) -> tuple[str,
         raise bad("seed", "a non-negative integer", seed)
     if split not in SPLITS:
         raise bad("split", f"one of {SPLITS}", split)
+    if option_order not in OPTION_ORDERS:
+        raise bad("option_order", f"one of {OPTION_ORDERS}", option_order)
     if not is_int(size) or not 48 <= size <= 256 or size % 2:
         raise bad("size", "an even integer in [48, 256] (yuv420p needs even sizes)", size)
     if not is_int(frames) or not 8 <= frames <= 64:
@@ -800,15 +821,19 @@ def generate_dataset(
     frames: int = 16,
     fps: int = 8,
     tasks: Sequence[str] = DEFAULT_TASKS,
+    option_order: str = "shuffled",
 ) -> str:
     """Write n samples (media + <split>.json + <split>.manifest.json) under out_dir; return the JSON path.
 
     Sample i is task tasks[i % len(tasks)] (repeat a name to weight it), drawn from
     np.random.default_rng([seed, split index, i]). Videos: `frames` frames of size x size pixels at
     `fps` (mp4, "./videos/..."); images: size x size ("./images/..."). Paths in the JSON are
-    relative to out_dir. Raises ValueError naming the bad argument before writing anything.
+    relative to out_dir. option_order: "shuffled" (uniformly random option order, the default) or
+    "fixed" (every multiple-choice question lists its options in the vocabulary's order, so the
+    answer letter is a function of the answer; the scenes are the same either way). Raises
+    ValueError naming the bad argument before writing anything.
     """
-    tasks = _check_args(out_dir, n, seed, split, size, frames, fps, tasks)
+    tasks = _check_args(out_dir, n, seed, split, size, frames, fps, tasks, option_order)
     from videor1.data import validate_row
 
     geom = Geometry(int(size), int(frames))
@@ -821,7 +846,11 @@ def generate_dataset(
         task = TASKS[tasks[i % len(tasks)]]
         rng = np.random.default_rng([seed, split_index, i])
         while True:  # a scene belongs to the split given by its hash's parity: splits never share one
-            sample = task.make(rng, geom)
+            token = _option_order.set(option_order)
+            try:
+                sample = task.make(rng, geom)
+            finally:
+                _option_order.reset(token)
             key = content_key(task.name, sample.scene, geom)
             if int(key, 16) % 2 == split_index:
                 break
@@ -873,6 +902,7 @@ def generate_dataset(
         "fps": fps,
         "crf": CRF,
         "tasks": list(tasks),
+        "option_order": option_order,
         "items": items,
     }
     with open(manifest_path(json_path), "w", encoding="utf-8") as f:
@@ -906,9 +936,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--frames", type=int, default=16, help="frames per video")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), metavar="TASK", help=f"from {list(TASKS)}")
+    parser.add_argument("--option-order", choices=OPTION_ORDERS, default="shuffled",
+                        help="multiple-choice options in random order, or always in the vocabulary's order")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    path = generate_dataset(args.out, args.n, args.seed, args.split, args.size, args.frames, args.fps, args.tasks)
+    path = generate_dataset(args.out, args.n, args.seed, args.split, args.size, args.frames, args.fps, args.tasks,
+                            args.option_order)
     counts = Counter(args.tasks[i % len(args.tasks)] for i in range(args.n))
     print(
         f"wrote {path}: {args.n} samples ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
