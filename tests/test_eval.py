@@ -113,7 +113,10 @@ class ScriptedModel:
 
         self.torch = torch
         self.answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+        self.config = type("Config", (), {"image_token_id": ids[0], "video_token_id": ids[1]})()
         self.seen = []
+        self.token_types = []
         self.param = torch.nn.Parameter(torch.zeros(1))
 
     def parameters(self):
@@ -121,6 +124,7 @@ class ScriptedModel:
 
     def generate(self, input_ids, **kwargs):
         self.seen.append(kwargs.get("pixel_values_videos"))
+        self.token_types.append((input_ids, kwargs.get("mm_token_type_ids")))
         return self.torch.cat([input_ids, self.answer_ids], dim=1)
 
 
@@ -149,6 +153,10 @@ def test_evaluate_scores_known_answers_and_shuffles_frames(tiny_ckpt, synth_data
     shuffled = ScriptedModel(processor.tokenizer, "x")
     evaluate(ordered, processor, video_mc, data, root, progress=False)
     evaluate(shuffled, processor, video_mc, data, root, shuffle_frames=True, progress=False)
+    # the video placeholders (and only they) are typed 2, so generate builds 3D M-RoPE positions
+    ids, types = ordered.token_types[0]
+    assert types is not None and int((types == 2).sum()) > 0
+    assert torch.equal(types == 2, ids == ordered.config.video_token_id) and not bool((types == 1).any())
     a, b = ordered.seen[0], shuffled.seen[0]
     assert a.shape == b.shape and not torch.equal(a, b)
     # same frames, other order: the multiset of patch values is unchanged

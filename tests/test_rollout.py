@@ -9,7 +9,7 @@ import torch
 
 from videor1.config import Config
 from videor1.policy import PolicyModule
-from videor1.rollout import completion_mask, prepare_prompt, training_inputs
+from videor1.rollout import completion_mask, prepare_prompt, training_inputs, vision_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +34,16 @@ def test_generate_logprobs_equal_training_logprobs(setup, data_type):
                             generator=torch.Generator().manual_seed(0))
     ids = prompt.input_ids[None]
     torch.manual_seed(0)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **prompt.vision, do_sample=True,
-                             max_new_tokens=10, num_return_sequences=3, output_logits=True,
-                             return_dict_in_generate=True, eos_token_id=[], pad_token_id=0)
+    policy = PolicyModule(model, kernel_backend="torch")
+    with torch.no_grad():  # as the trainer samples: through the policy, vision placeholders suppressed
+        out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **prompt.vision, do_sample=True,
+                              max_new_tokens=10, num_return_sequences=3, output_logits=True,
+                              return_dict_in_generate=True, eos_token_id=[], pad_token_id=0,
+                              suppress_tokens=vision_token_ids(processor.tokenizer))
     completion = out.sequences[:, ids.shape[1]:]
     gen_logp = torch.stack([torch.log_softmax(l.float(), -1) for l in out.logits], 1)
     gen_logp = gen_logp.gather(-1, completion[..., None])[..., 0]
     mask = completion_mask(completion, eos_ids=[])
-    policy = PolicyModule(model, kernel_backend="torch")
     with torch.no_grad():
         train_logp = policy(training_inputs(prompt, completion, mask), ids.shape[1], completion, mode="logprobs")
     assert torch.allclose(train_logp, gen_logp, atol=1e-4), (train_logp - gen_logp).abs().max()
@@ -54,3 +55,37 @@ def test_completion_mask_counts_up_to_first_eos():
     ids = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]])
     mask = completion_mask(ids, eos_ids=[2, 3])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_vision_tokens_get_3d_mrope_positions_as_with_the_processor(setup):
+    """Our prompts bypass the HF processor (the fused patch kernel makes the patches), so the
+    token types that make transformers build Qwen2.5-VL's 3D M-RoPE positions are derived from the
+    ids: they must equal the processor's for the same text and frames, and the policy forward must
+    use them (without them transformers silently falls back to 1D positions)."""
+    from videor1.policy import with_mm_token_types
+    from videor1.prompts import build_messages
+    from videor1.rollout import build_prompt, load_media
+
+    model, processor, rows, data, root = setup
+    row = next(r for r in rows if r["data_type"] == "video")
+    media = load_media(row, data, root)
+    prompt = build_prompt(row, media, processor, data, shuffled=False)
+    text = processor.apply_chat_template(build_messages(row), tokenize=False, add_generation_prompt=True)
+    frames = torch.as_tensor(media.frames).permute(0, 3, 1, 2)
+    ref = processor(text=[text], videos=[frames], return_tensors="pt", videos_kwargs={
+        "size": {"shortest_edge": data.video_min_pixels, "longest_edge": data.video_max_pixels},
+        "do_sample_frames": False})
+    inputs = {"input_ids": prompt.input_ids[None], "attention_mask": torch.ones_like(prompt.input_ids[None]),
+              **prompt.vision}
+    assert torch.equal(ref["input_ids"], inputs["input_ids"])
+    typed = with_mm_token_types(inputs, model.config)
+    assert torch.equal(typed["mm_token_type_ids"], ref["mm_token_type_ids"])
+    assert int((typed["mm_token_type_ids"] == 2).sum()) == int(prompt.vision["video_grid_thw"].prod()) // 4
+
+    with torch.no_grad():
+        n = inputs["input_ids"].shape[1]
+        got = PolicyModule(model).completion_hidden(inputs, prompt_len=1, completion_len=n - 1)
+        want = model.model(**inputs, mm_token_type_ids=ref["mm_token_type_ids"]).last_hidden_state[:, :-1]
+        flat = model.model(**inputs).last_hidden_state[:, :-1]  # transformers' 1D fallback
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (got - flat).abs().max() > 1e-3

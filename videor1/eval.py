@@ -146,6 +146,7 @@ def evaluate(model, processor, rows: list[dict], data_cfg, data_root: str, *, sh
     Rows are answered `batch_size` at a time (left-padded prompts of one data_type per batch); the
     results keep the rows' order. A row whose media cannot be decoded scores 0 with an "error" field.
     """
+    from videor1.policy import with_mm_token_types
     from videor1.rollout import Prompt, completion_mask, prepare_prompt, vision_token_ids
     from videor1.vision import MediaDecodeError
 
@@ -169,7 +170,7 @@ def evaluate(model, processor, rows: list[dict], data_cfg, data_root: str, *, sh
     pending: dict[str, list[tuple[int, Prompt]]] = {}  # data_type -> prompts waiting for a full batch
 
     def answer(batch: list[tuple[int, Prompt]]) -> None:
-        inputs = _left_padded([p for _, p in batch], shuffle_frames, pad_id)
+        inputs = with_mm_token_types(_left_padded([p for _, p in batch], shuffle_frames, pad_id), model.config)
         out = model.generate(**{k: v.to(device) for k, v in inputs.items()}, **kwargs)
         completion = out[:, inputs["input_ids"].shape[1]:].cpu()
         masks = completion_mask(completion, eos_ids).bool() if completion.shape[1] else None

@@ -14,6 +14,28 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 
 
+def with_mm_token_types(model_inputs: dict, config) -> dict:
+    """model_inputs plus `mm_token_type_ids` [B, T] (input_ids dtype; text 0, image 1, video 2), as Qwen2.5-VL's
+    processor returns them.
+
+    transformers builds Qwen2.5-VL's 3D M-RoPE positions (time, height, width for the vision tokens)
+    only when it is given these types; without them it silently falls back to 1D positions. Our
+    prompts come from the fused patch kernel, not the processor, so the types are derived here from
+    the placeholder ids, for generate and for every training forward alike.
+    """
+    if "mm_token_type_ids" in model_inputs or "input_ids" not in model_inputs:
+        return model_inputs
+    ids = model_inputs["input_ids"]
+    types = torch.zeros_like(ids)
+    # Only modalities with patches: a stray placeholder id in text (the trainer suppresses them in
+    # sampling) stays text rather than asking get_rope_index for a grid that does not exist.
+    if model_inputs.get("image_grid_thw") is not None:
+        types[ids == config.image_token_id] = 1
+    if model_inputs.get("video_grid_thw") is not None:
+        types[ids == config.video_token_id] = 2
+    return {**model_inputs, "mm_token_type_ids": types}
+
+
 class PolicyModule(nn.Module):
     """Wraps a Qwen2.5-VL `*ForConditionalGeneration` (`.model` trunk + `.lm_head`).
 
@@ -38,7 +60,7 @@ class PolicyModule(nn.Module):
         vision tensors; position t's hidden state predicts token t + 1, so the completion's
         predictors are positions P - 1 .. P + C - 2.
         """
-        out = self.hf.model(**model_inputs, use_cache=False, return_dict=True)
+        out = self.hf.model(**with_mm_token_types(model_inputs, self.hf.config), use_cache=False, return_dict=True)
         return out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + completion_len]
 
     def forward(self, model_inputs: dict, prompt_len: int = 0, completion_ids: torch.Tensor | None = None,
@@ -63,7 +85,7 @@ class PolicyModule(nn.Module):
 
     def sft_loss(self, model_inputs: dict, label_mask: torch.Tensor, chunk: int = 1024):
         """Next-token cross-entropy on the positions where label_mask [B, T] is set (token mean)."""
-        out = self.hf.model(**model_inputs, use_cache=False, return_dict=True)
+        out = self.hf.model(**with_mm_token_types(model_inputs, self.hf.config), use_cache=False, return_dict=True)
         select = label_mask[:, 1:].bool()  # hidden state t predicts token t + 1
         hidden = out.last_hidden_state[:, :-1][select]
         targets = model_inputs["input_ids"][:, 1:][select]
@@ -81,4 +103,4 @@ class PolicyModule(nn.Module):
         return total / max(1, n), n
 
     def generate(self, **kwargs):
-        return self.hf.generate(**kwargs)
+        return self.hf.generate(**with_mm_token_types(kwargs, self.hf.config))
