@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m videor1.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
     ap.add_argument("--nproc", type=int, default=2, help="torchrun processes for SFT and T-GRPO")
-    ap.add_argument("--n-train", type=int, default=1200)
+    ap.add_argument("--n-train", type=int, default=3000)
     ap.add_argument("--n-heldout", type=int, default=150)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0, help="training seed (SFT and T-GRPO)")

@@ -282,6 +282,23 @@ def tiny_processor(tokenizer):
     )
 
 
+def lecun_init_(model) -> None:
+    """Redraw every Linear / Conv3d weight as N(0, 1 / fan_in) (biases, norms, embeddings unchanged).
+
+    Qwen2.5-VL's init (N(0, 0.02)) suits hidden 3584; at hidden 64 it makes attention nearly
+    uniform and every layer a near-identity, and the tiny model then never learned to read the video:
+    SFT on motion direction stayed at chance for 4000 steps (ordered = shuffled), while with this
+    init the same run reached 98% held-out on ordered frames and chance on shuffled ones by step 2000
+    (docs/demo.md).
+    """
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv3d)):
+                module.weight.normal_(0.0, module.weight[0].numel() ** -0.5)
+
+
 def build_tiny_checkpoint(
     out_dir: str, seed: int = 0, vocab_size: int = 1024, overwrite: bool = False, **sizes: int
 ) -> str:
@@ -312,6 +329,7 @@ def build_tiny_checkpoint(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+        lecun_init_(model)
     eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     # As Qwen2.5-VL-Instruct: stop on <|im_end|> or <|endoftext|>, pad with <|endoftext|>.
     model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad)
