@@ -7,7 +7,7 @@ Stages, each skipped when its output already exists (delete the folder to redo i
 SFT or T-GRPO run resumes from its last checkpoint):
   1. build   the tiny Qwen2.5-VL checkpoint and the synthetic train / held-out videos (runs/demo)
   2. sft     CoT SFT, `torchrun --nproc_per_node=2 videor1/sft.py --config configs/tiny_sft_cpu.yaml`
-  3. eval    held-out accuracy of the SFT model on ordered and on shuffled frames
+  3. eval    held-out accuracy before and after SFT, on ordered and on shuffled frames
   4. tgrpo   T-GRPO from the SFT model, `torchrun ... videor1/train.py --config configs/tiny_cpu.yaml`
   5. eval    held-out accuracy after T-GRPO, ordered and shuffled
   6. report  a per-task table (printed, and saved as results.md / results.json) and demo.png with
@@ -199,6 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
     data_cfg = load_config(args.rl_config).data
     common = ["--data.train_file", paths["train"], "--train.seed", str(args.seed), "--train.resume_from", "auto"]
 
+    # Before SFT: the fresh model has never seen the <think>/<answer> format, so it scores ~0.
+    base_dir = os.path.join(out, "base_eval")
+    os.makedirs(base_dir, exist_ok=True)
+    _say("evaluating the untrained tiny model on the held-out split")
+    evals = {"before SFT": evaluate_both(paths["tiny"], paths["heldout"], data_cfg, base_dir)}
+
     # CoT SFT.
     sft_dir = os.path.abspath(args.sft_dir or os.path.join(out, "sft"))
     sft_final = os.path.join(sft_dir, "final")
@@ -211,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
                  ["--model.path", paths["tiny"], "--train.output_dir", sft_dir, *common, *overrides],
                  args.nproc, os.path.join(sft_dir, "sft.log"))
     _say("evaluating the SFT model on the held-out split")
-    evals = {"SFT": evaluate_both(sft_final, paths["heldout"], data_cfg, sft_dir)}
+    evals["SFT"] = evaluate_both(sft_final, paths["heldout"], data_cfg, sft_dir)
 
     # T-GRPO (or plain GRPO) from the SFT model.
     name = args.rl_name or ("grpo" if args.no_temporal else "tgrpo")
