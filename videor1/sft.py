@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> str:
             with timer("forward_backward"):
                 loss, n = model(inputs, mode="sft", label_mask=labels)
                 model.backward(loss / micro)
-            loss_sum += float(loss) / micro
+            loss_sum += float(loss.detach()) / micro
             tokens += int(inputs["attention_mask"].sum())
         with timer("optimizer"):
             result = model.step()

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> str:
                                      loss_kwargs=dict(loss_kwargs, old_logprobs=g.old_logprobs,
                                                       ref_logprobs=g.ref_logprobs, **extra))
                     policy.backward(loss * scale)
-                    losses.append(float(loss) * scale)
+                    losses.append(float(loss.detach()) * scale)
                     kls.append(float(m["kl"]))
                     clips.append(float(m["clip_ratio"]))
                     weights.append(float(g.mask.sum()))
