@@ -126,7 +126,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int):
     vocab_size: the BPE vocabulary (256 byte symbols + merges) before the 8 special and 4 tag tokens;
     the trainer stops early when the corpus has no more pairs to merge.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
     if vocab_size < 257:
