@@ -15,6 +15,7 @@ gradient pass (one extra GEMM per chunk).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -108,7 +109,10 @@ def _fused_linear(h2, weight, bias, prep: Prepared | None, ids, inv_t, backend, 
     Returns (out dict of [N] tensors, d_hidden [N, H] or None, d_weight fp32 or None, d_bias fp32 or None).
     Autocast is off inside: the GEMMs run in the inputs' dtype with the output dtypes chosen here.
     """
-    with torch.autocast(device_type=h2.device.type, enabled=False):
+    # Devices without autocast (e.g. torch's lazy tensors) have nothing to turn off.
+    off = (torch.autocast(device_type=h2.device.type, enabled=False)
+           if torch.amp.is_autocast_available(h2.device.type) else contextlib.nullcontext())
+    with off:
         return _fused_linear_impl(h2, weight, bias, prep, ids, inv_t, backend, need, chunk)
 
 

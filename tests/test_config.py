@@ -44,6 +44,10 @@ def test_int_accepted_for_float_and_parse_cli(tmp_path):
         (["--algo.rewards", "accuracy"], "algo.rewards"),
         (["--data.min_frames", "32"], "data.min_frames"),
         (["--rollout", "3"], "rollout"),
+        # Accepted and never read before: removed, so a config that sets them learns it at once.
+        (["--train.log_every", "5"], "train.log_every"),
+        (["--data.eval_file", "x.json"], "data.eval_file"),
+        (["--rollout.repetition_penalty", "0"], "rollout.repetition_penalty"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):

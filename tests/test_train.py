@@ -1,6 +1,7 @@
 """End-to-end T-GRPO runs under torchrun on the CPU (gloo): both engines, resume, and faults."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -80,25 +81,34 @@ def test_fsdp2_two_ranks_trains_and_logs(fsdp_run, tiny_ckpt):
 def test_resume_continues_exactly(fsdp_run, tiny_ckpt, synth_data, tmp_path):
     out, _ = fsdp_run
     ckpt = os.path.join(out, "checkpoint-2")
-    assert os.path.isfile(os.path.join(ckpt, "trainer_state.json"))
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        state = json.load(f)
+    # Every rank's data position and reward-error counts travel with the checkpoint.
+    assert [sorted(r) for r in state["ranks"]] == [["rewards", "stream"]] * 2
     proc = torchrun(base_args(tiny_ckpt, synth_data, tmp_path) + ["--train.max_steps", "4", "--train.engine", "fsdp2",
                                                                    "--train.resume_from", ckpt])
     check_ok(proc)
     resumed, full = metrics(tmp_path), metrics(out)
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(resumed, full[2:]):
-        for key in ("loss", "reward", "kl", "grad_norm", "completion_length", "reward/test_signal"):
+        for key in ("loss", "reward", "kl", "grad_norm", "completion_length", "reward/test_signal", "reward_errors",
+                    "samples_attempted", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (key, a[key], b[key])
 
 
-def test_deepspeed_zero3_two_ranks(tiny_ckpt, synth_data, tmp_path):
+def test_deepspeed_zero3_two_ranks_two_iterations(tiny_ckpt, synth_data, tmp_path):
+    """ZeRO-3, and each batch of rollouts used twice (old log-probs, two optimiser steps per step)."""
     proc = torchrun(base_args(tiny_ckpt, synth_data, tmp_path) + ["--train.max_steps", "3", "--train.engine", "deepspeed",
-                                                                   "--train.deepspeed_config", "configs/zero3.json"],
+                                                                   "--train.deepspeed_config", "configs/zero3.json",
+                                                                   "--algo.num_iterations", "2"],
                     env={"TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".venv", "torch_extensions")})
     check_ok(proc)
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["grad_norm"] > 0 and not r["step_skipped"] for r in rows)
+    # The cosine schedule spans 3 x 2 optimiser steps; "lr" is the rate of each step's last one (1, 3, 5).
+    want = [0.01 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in (1, 3, 5)]
+    assert [r["lr"] for r in rows] == pytest.approx(want, rel=1e-6)
     assert os.path.isfile(os.path.join(tmp_path, "checkpoint-2", "trainer_state.json"))
     from transformers import AutoModelForImageTextToText
 

@@ -41,7 +41,6 @@ class ModelConfig:
 class DataConfig:
     train_file: str = ""  # Video-R1 JSON / JSONL
     data_root: str = ""  # media paths are relative to this; default: the train file's folder
-    eval_file: str = ""
     fps: float = _f(2.0, gt=0)
     min_frames: int = _f(4, ge=1)
     max_frames: int = _f(16, ge=1)
@@ -63,6 +62,8 @@ class RolloutConfig:
     temperature: float = _f(1.0, gt=0)
     top_p: float = _f(0.95, gt=0, le=1)
     top_k: int = _f(0, ge=0)  # 0 = off
+    min_p: float = _f(0.0, ge=0, le=1)  # 0 = off
+    repetition_penalty: float = _f(1.0, gt=0)  # 1.0 = off; never inherited from the checkpoint
 
 
 @dataclass
@@ -110,7 +111,6 @@ class TrainConfig:
     mixed_precision: str = _f("no", choices=("no", "bf16"))
     save_steps: int = _f(0, ge=0)  # 0 = only at the end
     resume_from: str = ""
-    log_every: int = _f(1, ge=1)
     tensorboard: bool = False
     dist_timeout_s: float = _f(600.0, gt=0)  # a collective waiting longer (a dead rank) fails the job
 

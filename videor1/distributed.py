@@ -52,6 +52,16 @@ def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
     return t.cpu()
 
 
+def all_reduce_max(values: list[float] | torch.Tensor) -> torch.Tensor:
+    """Elementwise max of a float vector over ranks."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu()
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order."""
     if not dist.is_initialized():

@@ -1,6 +1,7 @@
 """Distributed engines behind one small interface: FSDP2 (torch) or DeepSpeed ZeRO-3.
 
     engine = build_engine(cfg, module, num_training_steps, micro_batches_per_step)
+    engine.device                      # where the model computes: inputs go there once (Prompt.to)
     out = engine(...)                  # forward of the wrapped root module
     engine.backward(loss)              # once per micro-batch
     result = engine.step()             # clip, optimiser + scheduler step, zero grads; skips non-finite
@@ -68,13 +69,19 @@ class FSDP2Engine:
         self.cfg = cfg
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         mesh = init_device_mesh(device_type, (D.world_size(),))
+        # fully_shard moves the parameters to the mesh's device: this rank's current CUDA device.
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
         mp = None
         if cfg.train.mixed_precision == "bf16":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kwargs = {"mesh": mesh} if mp is None else {"mesh": mesh, "mp_policy": mp}
         for unit in _shard_units(module.hf):
             fully_shard(unit, **kwargs)
-        fully_shard(module, **kwargs)
+        # The root's inputs include fp32 advantages and reference / old log-probs for the loss: FSDP2
+        # would cast every float input of the root to bf16 (rounding log-probs by up to ~0.03 nats).
+        # The units below still cast their own inputs; HF casts the patches to the vision dtype.
+        root = kwargs if mp is None else {**kwargs, "mp_policy": dataclasses.replace(mp, cast_forward_inputs=False)}
+        fully_shard(module, **root)
         register_fsdp_forward_method(module, "generate")
         self.module = module
         self.optimizer = self.scheduler = None
@@ -176,6 +183,7 @@ class DeepSpeedEngine:
             self.engine, *_ = deepspeed.initialize(model=module, config=ds_config)
             self.engine.eval()
         self.module = self.engine.module
+        self.device = torch.device(self.engine.device)  # deepspeed.initialize moved the module there
         self.micro_batches_per_step = micro_batches_per_step
 
     def __call__(self, *args, **kwargs):

@@ -146,19 +146,21 @@ def evaluate(model, processor, rows: list[dict], data_cfg, data_root: str, *, sh
     Rows are answered `batch_size` at a time (left-padded prompts of one data_type per batch); the
     results keep the rows' order. A row whose media cannot be decoded scores 0 with an "error" field.
     """
+    from videor1.generation import sampling_config
     from videor1.policy import with_mm_token_types
     from videor1.rollout import Prompt, completion_mask, prepare_prompt, vision_token_ids
+    from videor1.session import special_ids
     from videor1.vision import MediaDecodeError
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tok = processor.tokenizer
-    eos_ids = sorted({tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None, tok.unk_token_id})
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+    eos_ids, pad_id = special_ids(tok)
     gen = torch.Generator().manual_seed(seed)
-    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-                  suppress_tokens=vision_token_ids(tok), synced_gpus=False)
-    kwargs.update(do_sample=False) if sampling == "greedy" else kwargs.update(do_sample=True, temperature=0.1, top_p=0.001)
+    # Built from these arguments alone: nothing is inherited from the checkpoint's generation_config.json.
+    sample = dict(do_sample=False) if sampling == "greedy" else dict(do_sample=True, temperature=0.1, top_p=0.001)
+    gen_cfg = sampling_config(max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                              suppress_ids=vision_token_ids(tok), **sample)
     device = next(model.parameters()).device
     results: list[dict | None] = [None] * len(rows)
     bar = None
@@ -170,9 +172,10 @@ def evaluate(model, processor, rows: list[dict], data_cfg, data_root: str, *, sh
     pending: dict[str, list[tuple[int, Prompt]]] = {}  # data_type -> prompts waiting for a full batch
 
     def answer(batch: list[tuple[int, Prompt]]) -> None:
-        inputs = with_mm_token_types(_left_padded([p for _, p in batch], shuffle_frames, pad_id), model.config)
-        out = model.generate(**{k: v.to(device) for k, v in inputs.items()}, **kwargs)
-        completion = out[:, inputs["input_ids"].shape[1]:].cpu()
+        inputs = _left_padded([p for _, p in batch], shuffle_frames, pad_id)
+        inputs = with_mm_token_types({k: v.to(device) for k, v in inputs.items()}, model.config)  # one crossing in
+        out = model.generate(**inputs, generation_config=gen_cfg, synced_gpus=False)
+        completion = out[:, inputs["input_ids"].shape[1]:].cpu()  # and one out
         masks = completion_mask(completion, eos_ids).bool() if completion.shape[1] else None
         for j, (i, p) in enumerate(batch):
             ids = completion[j][masks[j]].tolist() if masks is not None else []

@@ -7,6 +7,9 @@ import os
 
 import torch
 
+from videor1.generation import detach_checkpoint_defaults
+from videor1.mrope import install_original_rope_index
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,16 +33,19 @@ def _check_dir(path: str) -> None:
 
 
 def load_model(path: str, dtype: str = "float32", attn_implementation: str = "auto"):
-    """A Qwen2.5-VL (any AutoModelForImageTextToText) from a local directory, in `dtype`, on CPU."""
+    """A Qwen2.5-VL from a local directory, in `dtype`, on CPU, ready for our paths: its M-RoPE
+    positions follow Qwen2.5-VL's original rule (videor1.mrope) in every forward and in generate,
+    and it keeps none of the checkpoint's sampling defaults (videor1.generation)."""
     from transformers import AutoModelForImageTextToText
 
     _check_dir(path)
-    return AutoModelForImageTextToText.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         path,
         dtype=DTYPES[dtype],
         attn_implementation=resolve_attn_implementation(attn_implementation),
         local_files_only=True,
     )
+    return install_original_rope_index(detach_checkpoint_defaults(model))
 
 
 def load_processor(path: str):

@@ -97,8 +97,9 @@ class PolicyModule(nn.Module):
 
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):  # the [n, V] logits live one chunk at a time
+            # chunk_ce draws no random numbers: no RNG state to save and restore around the recompute
             total = total + checkpoint(chunk_ce, hidden[start:start + chunk], targets[start:start + chunk],
-                                       weight, use_reentrant=False)
+                                       weight, use_reentrant=False, preserve_rng_state=False)
         n = int(select.sum())
         return total / max(1, n), n
 

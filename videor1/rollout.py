@@ -14,6 +14,7 @@ import torch
 from videor1 import vision
 from videor1.config import DataConfig, RolloutConfig
 from videor1.data import resolve_media_path
+from videor1.generation import rollout_config
 from videor1.prompts import build_messages
 from videor1.tgrpo import shuffle_permutation
 
@@ -38,6 +39,14 @@ class Prompt:
     @property
     def is_video(self) -> bool:
         return self.row["data_type"] == "video"
+
+    def to(self, device: torch.device | str) -> "Prompt":
+        """A copy with input_ids and the vision tensors on `device`: the one host-to-device crossing
+        of a prompt (train.py, sft.py and eval.py move each prompt there once, before the model)."""
+        def move(vis: dict | None) -> dict | None:
+            return None if vis is None else {k: v.to(device) for k, v in vis.items()}
+
+        return Prompt(self.row, self.input_ids.to(device), move(self.vision), move(self.shuffled_vision))
 
 
 def _expand_pad(text: str, token: str, count: int) -> str:
@@ -123,32 +132,31 @@ def vision_token_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(module, prompt: Prompt, vision_inputs: dict, num: int, cfg: RolloutConfig, eos_ids: list[int],
-             pad_id: int, *, suppress_ids: list[int] | None = None, do_sample: bool = True,
-             top_p: float | None = None, temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`num` sampled completions of one prompt (KV cache on).
+             pad_id: int, *, suppress_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num` sampled completions of one prompt (KV cache on), sampled exactly as `cfg` says
+    (videor1.generation.rollout_config: nothing is inherited from the checkpoint).
 
-    Returns completion_ids int64 [num, C] (C <= max_completion_length, padded with pad_id after EOS)
-    and completion_mask int64 [num, C]. `suppress_ids` (the vision tokens) are never sampled.
+    prompt and vision_inputs must already be on the model's device (Prompt.to); the outputs stay
+    there. Returns completion_ids int64 [num, C] (C <= max_completion_length, padded with pad_id
+    after EOS) and completion_mask int64 [num, C]. `suppress_ids` (the vision tokens) are never sampled.
     """
     ids = prompt.input_ids[None]
-    kwargs = dict(max_new_tokens=cfg.max_completion_length, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
-                  num_return_sequences=num, do_sample=do_sample, suppress_tokens=suppress_ids or None,
-                  # The engines gather the full weights for the whole rollout phase, so ranks need not
-                  # step in lockstep (and they can't: ranks generate for different numbers of prompts).
-                  synced_gpus=False)
-    if do_sample:
-        kwargs.update(temperature=temperature or cfg.temperature, top_p=top_p or cfg.top_p, top_k=cfg.top_k or None)
-    out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vision_inputs, **kwargs)
+    gen_cfg = rollout_config(cfg, eos_ids, pad_id, suppress_ids or [], num)
+    # The engines gather the full weights for the whole rollout phase, so ranks need not step in
+    # lockstep (and they can't: ranks generate for different numbers of prompts).
+    out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vision_inputs,
+                          generation_config=gen_cfg, synced_gpus=False)
     completion = out[:, ids.shape[1]:]
     if completion.shape[1] == 0:  # generate returned nothing new: an empty, fully masked completion
-        completion = torch.full((num, 1), pad_id, dtype=torch.long)
+        completion = torch.full((num, 1), pad_id, dtype=torch.long, device=ids.device)
         return completion, torch.zeros_like(completion)
     mask = completion_mask(completion, eos_ids)
     return completion.masked_fill(mask == 0, pad_id), mask
 
 
 def training_inputs(prompt: Prompt, completion_ids: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Model kwargs for the policy/reference forward over prompt + completions: input_ids [B, P + C]."""
+    """Model kwargs for the policy/reference forward over prompt + completions: input_ids [B, P + C].
+    The prompt (Prompt.to) and the completions must be on one device, the model's."""
     b = completion_ids.shape[0]
     prompt_ids = prompt.input_ids[None].expand(b, -1)
     return {
@@ -159,5 +167,5 @@ def training_inputs(prompt: Prompt, completion_ids: torch.Tensor, mask: torch.Te
 
 
 def decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    """Completion texts as the rewards see them (special tokens skipped, as Video-R1)."""
+    """Completion texts as the rewards see them (special tokens skipped, as Video-R1). Takes CPU copies."""
     return [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True) for ids, m in zip(completion_ids, mask)]

@@ -118,8 +118,9 @@ class PromptStream:
         self.attempted, self.skipped = int(state["attempted"]), int(state["skipped"])
 
 
-def build_models(cfg: Config, total_steps: int, micro_batches_per_step: int, with_reference: bool):
-    """(processor, policy engine, reference engine or None), sharded by the configured engine."""
+def build_models(cfg: Config, optimizer_steps: int, micro_batches_per_step: int, with_reference: bool):
+    """(processor, policy engine, reference engine or None), sharded by the configured engine; the
+    learning-rate schedule spans `optimizer_steps`."""
     processor = load_processor(cfg.model.path)
     ds_config = load_deepspeed_config(cfg, micro_batches_per_step) if cfg.train.engine == "deepspeed" else None
     stage3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
@@ -132,7 +133,8 @@ def build_models(cfg: Config, total_steps: int, micro_batches_per_step: int, wit
         module = PolicyModule(hf, kernel_backend=cfg.algo.kernel_backend, temperature=cfg.rollout.temperature)
         if not trainable:
             module.requires_grad_(False)
-        return build_engine(cfg, module, total_steps, micro_batches_per_step, trainable=trainable, ds_config=ds_config)
+        return build_engine(cfg, module, optimizer_steps, micro_batches_per_step, trainable=trainable,
+                            ds_config=ds_config)
 
     policy = wrapped(trainable=True)
     reference = wrapped(trainable=False) if with_reference else None
@@ -140,24 +142,29 @@ def build_models(cfg: Config, total_steps: int, micro_batches_per_step: int, wit
     return processor, policy, reference
 
 
-def resume(cfg: Config, engine, stream: PromptStream, generators: dict[str, torch.Generator]) -> int:
-    """Restore engine, data position and RNGs from train.resume_from ("auto" = the latest complete
-    checkpoint in output_dir); returns the step to start from (0 when starting fresh)."""
+def resume(cfg: Config, engine, stateful: dict, generators: dict[str, torch.Generator]) -> int:
+    """Restore engine, RNGs and every object in `stateful` (name -> object with state_dict /
+    load_state_dict: the prompt stream's data position, counters) from train.resume_from ("auto" =
+    the latest complete checkpoint in output_dir); returns the step to start from (0 when fresh)."""
     path = latest_checkpoint(cfg.train.output_dir) if cfg.train.resume_from == "auto" else cfg.train.resume_from
     if not path:
         return 0
     state, mine = load_checkpoint(path, engine)
-    stream.load_state_dict(mine["stream"])
+    for name, obj in stateful.items():
+        if name not in mine:
+            raise ValueError(f"checkpoint {path} holds no '{name}' state (it has {sorted(mine)}): written by another "
+                             "entry point or version")
+        obj.load_state_dict(mine[name])
     set_rng_state(mine["rng"], generators)
     if D.is_main():
         log.info("resumed from %s at step %d", path, state["step"])
     return state["step"]
 
 
-def checkpoint(cfg: Config, step: int, engine, stream: PromptStream, generators: dict[str, torch.Generator]) -> str:
-    """Atomic checkpoint of everything resume needs (collective)."""
+def checkpoint(cfg: Config, step: int, engine, stateful: dict, generators: dict[str, torch.Generator]) -> str:
+    """Atomic checkpoint of everything resume needs (collective); `stateful` as for resume."""
     return save_checkpoint(cfg.train.output_dir, step, engine, {},
-                           {"stream": stream.state_dict(), "rng": rng_state(generators)})
+                           {**{name: obj.state_dict() for name, obj in stateful.items()}, "rng": rng_state(generators)})
 
 
 def write_run_config(cfg: Config) -> None:

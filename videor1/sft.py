@@ -68,6 +68,24 @@ def collate(examples: list[dict], pad_id: int) -> tuple[dict, torch.Tensor]:
     return inputs, labels
 
 
+def to_device(inputs: dict, labels: torch.Tensor, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """A collated batch moved to the model's device: its one host-to-device crossing."""
+    return {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
+
+
+def sft_micro_step(model, prompts: list[Prompt], tokenizer, loss_on: str, pad_id: int, micro_batches: int,
+                   timer: StepTimer) -> tuple[float, int]:
+    """Forward + backward (of loss / micro_batches) of one micro-batch on the engine's device;
+    returns (loss, tokens) on the CPU."""
+    with timer("data"):
+        examples = [sft_example(p, tokenizer, loss_on) for p in prompts]
+        inputs, labels = to_device(*collate(examples, pad_id), model.device)
+    with timer("forward_backward"):
+        loss, _ = model(inputs, mode="sft", label_mask=labels)
+        model.backward(loss / micro_batches)
+    return float(loss.detach()), int(inputs["attention_mask"].sum())
+
+
 def main(argv: list[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg: Config = parse_cli(sys.argv[1:] if argv is None else argv)
@@ -87,12 +105,13 @@ def main(argv: list[str] | None = None) -> str:
     _, pad_id = session.special_ids(tok)
     generators: dict[str, torch.Generator] = {}
     stream = session.PromptStream(cfg, rows, processor, sampler, torch.Generator(), shuffled=False)
-    start_step = session.resume(cfg, model, stream, generators)
+    stateful = {"stream": stream}
+    start_step = session.resume(cfg, model, stateful, generators)
     logger = MetricsLogger(cfg.train.output_dir, cfg.train.tensorboard, main_rank, resume_step=start_step)
     session.write_run_config(cfg)
     if main_rank:
-        log.info("CoT SFT: %d steps, %d ranks x %d x %d samples/step, loss on %s, engine=%s", total_steps, world,
-                 micro, batch, cfg.sft.loss_on, cfg.train.engine)
+        log.info("CoT SFT: %d steps, %d ranks x %d x %d samples/step, loss on %s, engine=%s, device=%s", total_steps,
+                 world, micro, batch, cfg.sft.loss_on, cfg.train.engine, model.device)
     progress = session.progress_bar(total_steps, start_step, "SFT")
 
     for step in range(start_step, total_steps):
@@ -101,13 +120,10 @@ def main(argv: list[str] | None = None) -> str:
         loss_sum, tokens = 0.0, 0
         for _ in range(micro):
             with timer("data"):
-                examples = [sft_example(p, tok, cfg.sft.loss_on) for p in stream.take(batch, homogeneous=True)]
-                inputs, labels = collate(examples, pad_id)
-            with timer("forward_backward"):
-                loss, n = model(inputs, mode="sft", label_mask=labels)
-                model.backward(loss / micro)
-            loss_sum += float(loss.detach()) / micro
-            tokens += int(inputs["attention_mask"].sum())
+                prompts = stream.take(batch, homogeneous=True)
+            loss, n = sft_micro_step(model, prompts, tok, cfg.sft.loss_on, pad_id, micro, timer)
+            loss_sum += loss / micro
+            tokens += n
         with timer("optimizer"):
             result = model.step()
         step_time = time.perf_counter() - t0
@@ -115,7 +131,7 @@ def main(argv: list[str] | None = None) -> str:
         record = {"step": step + 1, "loss": float(sums[0]) / world, "grad_norm": result.grad_norm, "lr": result.lr,
                   "step_skipped": not result.applied, "samples_skipped": int(sums[3]),
                   **{f"time/{k}": v for k, v in timer.times.items()}, "time/step": step_time,
-                  "tokens_per_s": float(sums[1]) / step_time, "peak_mem_gb": peak_memory_gb()}
+                  "tokens_per_s": float(sums[1]) / step_time, "peak_mem_gb": float(D.all_reduce_max([peak_memory_gb()])[0])}
         if not result.applied and main_rank:
             log.warning("step %d: non-finite gradient (norm %s); update skipped", step + 1, result.grad_norm)
         stream.check_rate(int(sums[3]), int(sums[2]))
@@ -124,7 +140,7 @@ def main(argv: list[str] | None = None) -> str:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         if cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0 and step + 1 < total_steps:
-            session.checkpoint(cfg, step + 1, model, stream, generators)
+            session.checkpoint(cfg, step + 1, model, stateful, generators)
 
     final_dir = os.path.join(cfg.train.output_dir, "final")
     session.save_final(model, processor, final_dir)

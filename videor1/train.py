@@ -32,7 +32,7 @@ from videor1.config import Config, ConfigError, parse_cli
 from videor1.data import load_rows
 from videor1.metrics import MetricsLogger, StepTimer, peak_memory_gb, plot_curves, read_metrics, summary_table
 from videor1.rewards import get_reward
-from videor1.rollout import decode, generate, training_inputs, vision_token_ids
+from videor1.rollout import Prompt, decode, generate, training_inputs, vision_token_ids
 from videor1.sampler import PromptSampler
 from videor1.tgrpo import group_advantages, group_rewards
 
@@ -61,7 +61,7 @@ def check_config(cfg: Config) -> None:
 
 class SafeRewards:
     """Reward functions that never take the run down: an exception gives 0 for that answer, is
-    counted, and is logged once per (reward, exception type)."""
+    counted, and is logged once per (reward, exception type). Returns float32 [n] CPU tensors."""
 
     def __init__(self, names: list[str]):
         self.fns = {name: get_reward(name) for name in names}
@@ -86,14 +86,30 @@ class SafeRewards:
             out[name] = torch.tensor(vals)
         return out
 
+    @property
+    def total_errors(self) -> int:
+        return int(sum(self.errors.values()))
+
+    def state_dict(self) -> dict:  # the counts survive a resume
+        return {"errors": [[name, kind, n] for (name, kind), n in self.errors.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.errors = Counter({(name, kind): int(n) for name, kind, n in state["errors"]})
+
 
 @dataclasses.dataclass
 class Group:
-    """One prompt's rollouts: G ordered completions (these train) plus the shuffled ones' accuracy."""
+    """One prompt's rollouts: G ordered completions (these train) plus the shuffled ones' accuracy.
 
-    prompt: object
-    completion_ids: torch.Tensor  # [G, C]
-    mask: torch.Tensor  # [G, C]
+    Device tensors (the model's device): the prompt, completion_ids [G, C], mask [G, C], and the
+    reference / old log-probs [G, C]. CPU tensors (rewards are CPU work): lengths [G], rewards,
+    total [G], advantages [G], shuffled_accuracy [Gs].
+    """
+
+    prompt: Prompt
+    completion_ids: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
     rewards: dict
     total: torch.Tensor = None
     advantages: torch.Tensor = None
@@ -103,11 +119,36 @@ class Group:
     old_logprobs: torch.Tensor | None = None
 
 
+@dataclasses.dataclass
+class StepContext:
+    """What one T-GRPO step needs besides its prompts: the config, the engines and the tokenizer."""
+
+    cfg: Config
+    policy: object  # an engine (videor1.engine): .device, .full_weights(), __call__, .backward, .step
+    reference: object | None
+    tokenizer: object
+    rewards: SafeRewards
+    eos_ids: list[int]
+    pad_id: int
+    suppress_ids: list[int]
+
+    @property
+    def num_shuffled(self) -> int:
+        c = self.cfg.rollout
+        return c.num_generations // 2 if c.num_shuffled < 0 else c.num_shuffled
+
+
 def step_count(cfg: Config, sampler: PromptSampler) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     prompts_per_step = cfg.train.per_device_batch_size * cfg.optim.grad_accum
     return max(1, math.ceil(cfg.train.num_epochs * sampler.rows_per_epoch / prompts_per_step))
+
+
+def optimizer_steps(cfg: Config, steps: int) -> int:
+    """Optimiser steps in `steps` training steps: each batch of rollouts is used num_iterations times
+    (as TRL counts), so the learning-rate schedule spans steps * num_iterations."""
+    return steps * cfg.algo.num_iterations
 
 
 def loss_scale(cfg: Config, group: Group, groups: list[Group], global_tokens: float) -> tuple[float, dict]:
@@ -116,9 +157,145 @@ def loss_scale(cfg: Config, group: Group, groups: list[Group], global_tokens: fl
     if kind in ("grpo", "dr_grpo"):
         return 1.0 / len(groups), {}
     if kind == "bnpo":
-        return float(group.mask.sum()) / float(sum(g.mask.sum() for g in groups)), {}
+        return float(group.lengths.sum()) / float(sum(g.lengths.sum() for g in groups)), {}
     # dapo: normalise by the global token count; ranks' gradients are averaged, hence * world size
     return 1.0, {"num_items": global_tokens / D.world_size()}
+
+
+def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> list[Group]:
+    """G rollouts per prompt on ordered frames (+ Gs on shuffled frames for videos), scored.
+
+    Each prompt crosses to the model's device once (Prompt.to); completions stay there for
+    training, and one CPU copy of them feeds the rewards."""
+    cfg, G, Gs = ctx.cfg, ctx.cfg.rollout.num_generations, ctx.num_shuffled
+    groups: list[Group] = []
+    with timer("rollout"), ctx.policy.full_weights() as model:
+        for p in prompts:
+            p = p.to(ctx.policy.device)
+            ids, mask = generate(model, p, p.vision, G, cfg.rollout, ctx.eos_ids, ctx.pad_id,
+                                 suppress_ids=ctx.suppress_ids)
+            ids_cpu, mask_cpu = ids.cpu(), mask.cpu()
+            g = Group(p, ids, mask, mask_cpu.sum(1), ctx.rewards(decode(ctx.tokenizer, ids_cpu, mask_cpu), p.row))
+            if cfg.algo.temporal and p.shuffled_vision is not None and Gs > 0:
+                s_ids, s_mask = generate(model, p, p.shuffled_vision, Gs, cfg.rollout, ctx.eos_ids, ctx.pad_id,
+                                         suppress_ids=ctx.suppress_ids)
+                texts = decode(ctx.tokenizer, s_ids.cpu(), s_mask.cpu())
+                g.shuffled_accuracy = ctx.rewards(texts, p.row, only=("accuracy",))["accuracy"]
+            groups.append(g)
+    return groups
+
+
+def score_groups(cfg: Config, groups: list[Group]) -> None:
+    """Rewards -> temporal bonus per prompt group -> group-normalised advantages (CPU, pure functions)."""
+    a = cfg.algo
+    for g in groups:
+        g.total, parts = group_rewards(
+            g.rewards, g.lengths, g.shuffled_accuracy, temporal=a.temporal, alpha=a.alpha, mu=a.mu,
+            length_bonus_value=a.length_bonus, length_min=a.length_min, length_max=a.length_max)
+        g.temporal_applied = parts["temporal_applied"]
+        g.rewards = dict(g.rewards, length_bonus=parts["length_bonus"], temporal_bonus=parts["temporal_bonus"])
+        g.advantages = group_advantages(g.total, cfg.rollout.num_generations, scale=a.scale_rewards)
+
+
+def reference_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> None:
+    """Reference (and, when a batch is reused, old) log-probs of the completion positions (device)."""
+    with timer("reference"), torch.no_grad():
+        for g in groups:
+            inputs = training_inputs(g.prompt, g.completion_ids, g.mask)
+            P = g.prompt.input_ids.numel()
+            if ctx.reference is not None:
+                g.ref_logprobs = ctx.reference(inputs, P, g.completion_ids, mode="logprobs")
+            if ctx.cfg.algo.num_iterations > 1:
+                g.old_logprobs = ctx.policy(inputs, P, g.completion_ids, mode="logprobs")
+
+
+@dataclasses.dataclass
+class PolicyStats:
+    """This rank's loss statistics of one step: loss (the step's, summed over groups, averaged over
+    iterations) and token-weighted sums of kl and clip_ratio with their token count."""
+
+    loss: float = 0.0
+    kl_tokens: float = 0.0
+    clip_tokens: float = 0.0
+    tokens: float = 0.0
+    results: list = dataclasses.field(default_factory=list)
+
+
+def policy_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> PolicyStats:
+    """Forward/backward per prompt group through the fused loss, one optimiser step per iteration."""
+    cfg = ctx.cfg
+    loss_kwargs = dict(beta=cfg.algo.beta, eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high,
+                       loss_type=cfg.algo.loss_type, importance_level=cfg.algo.importance_level,
+                       kl_clamp=cfg.algo.kl_clamp, max_completion_length=cfg.rollout.max_completion_length)
+    global_tokens = float(D.all_reduce_sum([float(sum(g.lengths.sum() for g in groups))])[0])
+    stats = PolicyStats()
+    for _ in range(cfg.algo.num_iterations):
+        with timer("policy"):
+            for g in groups:
+                scale, extra = loss_scale(cfg, g, groups, global_tokens)
+                inputs = training_inputs(g.prompt, g.completion_ids, g.mask)
+                loss, m = ctx.policy(inputs, g.prompt.input_ids.numel(), g.completion_ids, mode="loss",
+                                     advantages=g.advantages.to(ctx.policy.device), completion_mask=g.mask,
+                                     loss_kwargs=dict(loss_kwargs, old_logprobs=g.old_logprobs,
+                                                      ref_logprobs=g.ref_logprobs, **extra))
+                ctx.policy.backward(loss * scale)
+                n = float(g.lengths.sum())
+                stats.loss += float(loss.detach()) * scale / cfg.algo.num_iterations
+                stats.kl_tokens += float(m["kl"]) * n
+                stats.clip_tokens += float(m["clip_ratio"]) * n
+                stats.tokens += n
+        with timer("optimizer"):
+            stats.results.append(ctx.policy.step())
+    return stats
+
+
+def tgrpo_step(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> tuple[list[Group], PolicyStats]:
+    """One T-GRPO step on this rank's prompts (CPU Prompts, as PromptStream.take returns them)."""
+    groups = rollout_phase(ctx, prompts, timer)
+    score_groups(ctx.cfg, groups)
+    reference_phase(ctx, groups, timer)
+    return groups, policy_phase(ctx, groups, timer)
+
+
+def step_record(step: int, groups: list[Group], stats: PolicyStats, timer: StepTimer, step_time: float,
+                reward_errors: int, attempted: int, skipped: int) -> dict:
+    """The step's metrics over all ranks (collective): sums summed; means over every rollout (or
+    every completion token, for kl and clip_ratio) of every rank; peak memory the largest rank's."""
+    cat = lambda key: torch.cat([g.rewards[key] for g in groups])  # noqa: E731
+    video = [g for g in groups if g.shuffled_accuracy is not None]
+    sums = {
+        "loss": stats.loss,
+        "reward": float(torch.cat([g.total for g in groups]).sum()),
+        **{f"reward/{k}": float(cat(k).sum()) for k in groups[0].rewards},
+        "completion_length": float(torch.cat([g.lengths for g in groups]).sum()),
+        "kl": stats.kl_tokens, "clip_ratio": stats.clip_tokens,
+        "n_rollouts": float(sum(g.lengths.numel() for g in groups)), "n_tokens": stats.tokens,
+        "n_video": len(video), "shuffled_acc": float(sum(g.shuffled_accuracy.sum() for g in video)),
+        "n_shuffled": float(sum(g.shuffled_accuracy.numel() for g in video)),
+        "fired": float(sum(bool(g.temporal_applied) for g in video)),
+        "seq_tokens": float(sum(g.lengths.sum() + g.lengths.numel() * g.prompt.input_ids.numel() for g in groups)),
+        "reward_errors": reward_errors, "attempted": attempted, "skipped": skipped,
+    }
+    total = dict(zip(sums, (float(v) for v in D.all_reduce_sum(list(sums.values())))))
+    world = D.world_size()
+    n, tokens = total["n_rollouts"], max(1.0, total["n_tokens"])
+    record = {"step": step, "loss": total["loss"] / world,
+              **{k: total[k] / n for k in sums if k == "reward" or k.startswith("reward/")},
+              "acc/ordered": total["reward/accuracy"] / n,
+              "kl": total["kl"] / tokens, "clip_ratio": total["clip_ratio"] / tokens,
+              "completion_length": total["completion_length"] / n}
+    if total["n_video"]:
+        record["acc/shuffled"] = total["shuffled_acc"] / total["n_shuffled"]
+        record["temporal_bonus_rate"] = total["fired"] / total["n_video"]
+    last = stats.results[-1]
+    record.update({
+        "grad_norm": last.grad_norm, "lr": last.lr, "step_skipped": not all(r.applied for r in stats.results),
+        "reward_errors": int(total["reward_errors"]), "samples_skipped": int(total["skipped"]),
+        "samples_attempted": int(total["attempted"]),
+        **{f"time/{k}": v for k, v in timer.times.items()}, "time/step": step_time,
+        "tokens_per_s": total["seq_tokens"] / step_time, "peak_mem_gb": float(D.all_reduce_max([peak_memory_gb()])[0]),
+    })
+    return record
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -137,126 +314,48 @@ def main(argv: list[str] | None = None) -> str:
     G = cfg.rollout.num_generations
     Gs = G // 2 if cfg.rollout.num_shuffled < 0 else cfg.rollout.num_shuffled
 
-    # Models: the policy (trained) and the frozen reference, sharded the same way.
-    processor, policy, reference = session.build_models(cfg, total_steps, groups_per_step, cfg.algo.beta > 0)
+    # Models: the policy (trained) and the frozen reference, sharded the same way. The schedule
+    # counts optimiser steps (num_iterations per training step).
+    processor, policy, reference = session.build_models(cfg, optimizer_steps(cfg, total_steps), groups_per_step,
+                                                        cfg.algo.beta > 0)
     tok = processor.tokenizer
     eos_ids, pad_id = session.special_ids(tok)
-    suppress = vision_token_ids(tok)
+    rewards = SafeRewards(cfg.algo.rewards)
+    ctx = StepContext(cfg, policy, reference, tok, rewards, eos_ids, pad_id, vision_token_ids(tok))
 
-    # Resume: model, optimiser, scheduler, RNGs and data position, so the next steps match exactly.
+    # Resume: model, optimiser, scheduler, RNGs, data position and counters, so the next steps match exactly.
     generators = {"shuffle": shuffle_gen}
     stream = session.PromptStream(cfg, rows, processor, sampler, shuffle_gen, shuffled=cfg.algo.temporal)
-    start_step = session.resume(cfg, policy, stream, generators)
-    rewards = SafeRewards(cfg.algo.rewards)
+    stateful = {"stream": stream, "rewards": rewards}
+    start_step = session.resume(cfg, policy, stateful, generators)
     logger = MetricsLogger(cfg.train.output_dir, cfg.train.tensorboard, main_rank, resume_step=start_step)
     session.write_run_config(cfg)
     if main_rank:
-        log.info("T-GRPO: %d steps, %d ranks x %d prompts/step, G=%d ordered + %d shuffled rollouts, engine=%s",
-                 total_steps, world, groups_per_step, G, Gs if cfg.algo.temporal else 0, cfg.train.engine)
+        log.info("T-GRPO: %d steps, %d ranks x %d prompts/step, G=%d ordered + %d shuffled rollouts, engine=%s, "
+                 "device=%s", total_steps, world, groups_per_step, cfg.rollout.num_generations,
+                 ctx.num_shuffled if cfg.algo.temporal else 0, cfg.train.engine, policy.device)
     progress = session.progress_bar(total_steps, start_step, "T-GRPO")
-
-    loss_kwargs = dict(beta=cfg.algo.beta, eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high,
-                       loss_type=cfg.algo.loss_type, importance_level=cfg.algo.importance_level,
-                       kl_clamp=cfg.algo.kl_clamp, max_completion_length=cfg.rollout.max_completion_length)
 
     for step in range(start_step, total_steps):
         timer = StepTimer()
         t0 = time.perf_counter()
-        # 1. Prompts (media decoded, patched by the fused kernel; shuffled copies for videos).
-        with timer("data"):
+        with timer("data"):  # media decoded and patched by the fused kernel; shuffled copies for videos
             prompts = stream.take(groups_per_step)
-
-        # 2. Rollouts with the full weights gathered once for the whole phase.
-        groups: list[Group] = []
-        with timer("rollout"), policy.full_weights() as model:
-            for p in prompts:
-                ids, mask = generate(model, p, p.vision, G, cfg.rollout, eos_ids, pad_id, suppress_ids=suppress)
-                g = Group(p, ids, mask, rewards(decode(tok, ids, mask), p.row))
-                if cfg.algo.temporal and p.shuffled_vision is not None and Gs > 0:
-                    s_ids, s_mask = generate(model, p, p.shuffled_vision, Gs, cfg.rollout, eos_ids, pad_id,
-                                             suppress_ids=suppress)
-                    g.shuffled_accuracy = rewards(decode(tok, s_ids, s_mask), p.row, only=("accuracy",))["accuracy"]
-                groups.append(g)
-
-        # 3. Rewards -> temporal bonus per prompt group -> group-normalised advantages (pure functions).
-        for g in groups:
-            g.total, parts = group_rewards(
-                g.rewards, g.mask.sum(1), g.shuffled_accuracy, temporal=cfg.algo.temporal, alpha=cfg.algo.alpha,
-                mu=cfg.algo.mu, length_bonus_value=cfg.algo.length_bonus, length_min=cfg.algo.length_min,
-                length_max=cfg.algo.length_max)
-            g.temporal_applied = parts["temporal_applied"]
-            g.rewards = dict(g.rewards, length_bonus=parts["length_bonus"], temporal_bonus=parts["temporal_bonus"])
-            g.advantages = group_advantages(g.total, G, scale=cfg.algo.scale_rewards)
-
-        # 4. Reference log-probs (and old ones when a batch is reused), completion positions only.
-        with timer("reference"), torch.no_grad():
-            for g in groups:
-                inputs = training_inputs(g.prompt, g.completion_ids, g.mask)
-                P = g.prompt.input_ids.numel()
-                if reference is not None:
-                    g.ref_logprobs = reference(inputs, P, g.completion_ids, mode="logprobs")
-                if cfg.algo.num_iterations > 1:
-                    g.old_logprobs = policy(inputs, P, g.completion_ids, mode="logprobs")
-
-        # 5. Policy forward/backward per prompt group, then one optimiser step (per iteration).
-        global_tokens = float(D.all_reduce_sum([float(sum(g.mask.sum() for g in groups))])[0])
-        losses, kls, clips, weights, results = [], [], [], [], []
-        for _ in range(cfg.algo.num_iterations):
-            with timer("policy"):
-                for g in groups:
-                    scale, extra = loss_scale(cfg, g, groups, global_tokens)
-                    inputs = training_inputs(g.prompt, g.completion_ids, g.mask)
-                    loss, m = policy(inputs, g.prompt.input_ids.numel(), g.completion_ids, mode="loss",
-                                     advantages=g.advantages, completion_mask=g.mask,
-                                     loss_kwargs=dict(loss_kwargs, old_logprobs=g.old_logprobs,
-                                                      ref_logprobs=g.ref_logprobs, **extra))
-                    policy.backward(loss * scale)
-                    losses.append(float(loss.detach()) * scale)
-                    kls.append(float(m["kl"]))
-                    clips.append(float(m["clip_ratio"]))
-                    weights.append(float(g.mask.sum()))
-            with timer("optimizer"):
-                results.append(policy.step())
-
-        # 6. Metrics, summed over ranks.
-        step_time = time.perf_counter() - t0
-        n_tok = sum(float(g.mask.sum()) + g.mask.shape[0] * g.prompt.input_ids.numel() for g in groups)
-        video = [g for g in groups if g.shuffled_accuracy is not None]
-        local = {
-            "loss": sum(losses) / cfg.algo.num_iterations,
-            "reward": float(torch.cat([g.total for g in groups]).mean()),
-            **{f"reward/{k}": float(torch.cat([g.rewards[k] for g in groups]).mean()) for k in groups[0].rewards},
-            "acc/ordered": float(torch.cat([g.rewards["accuracy"] for g in groups]).mean()),
-            "kl": sum(k * w for k, w in zip(kls, weights)) / max(1.0, sum(weights)),
-            "clip_ratio": sum(c * w for c, w in zip(clips, weights)) / max(1.0, sum(weights)),
-            "completion_length": float(torch.cat([g.mask.sum(1) for g in groups]).float().mean()),
-        }
-        sums = D.all_reduce_sum([*local.values(), len(video), sum(float(g.shuffled_accuracy.mean()) for g in video),
-                                 sum(bool(g.temporal_applied) for g in video), n_tok, stream.attempted, stream.skipped])
-        record = {"step": step + 1, **{k: float(v) / world for k, v in zip(local, sums)}}
-        n_video, s_acc, fired, tokens, attempted, skipped = (float(x) for x in sums[len(local):])
-        if n_video:
-            record["acc/shuffled"] = s_acc / n_video
-            record["temporal_bonus_rate"] = fired / n_video
-        last = results[-1]
-        record.update({
-            "grad_norm": last.grad_norm, "lr": last.lr, "step_skipped": not all(r.applied for r in results),
-            "reward_errors": int(sum(rewards.errors.values())), "samples_skipped": int(skipped),
-            **{f"time/{k}": v for k, v in timer.times.items()}, "time/step": step_time,
-            "tokens_per_s": tokens / step_time, "peak_mem_gb": peak_memory_gb(),
-        })
-        if not all(r.applied for r in results) and main_rank:
-            log.warning("step %d: non-finite gradient (norm %s); update skipped", step + 1, last.grad_norm)
-        stream.check_rate(int(skipped), int(attempted))
+        groups, stats = tgrpo_step(ctx, prompts, timer)
+        record = step_record(step + 1, groups, stats, timer, time.perf_counter() - t0, rewards.total_errors,
+                             stream.attempted, stream.skipped)
+        if record["step_skipped"] and main_rank:
+            log.warning("step %d: non-finite gradient (norm %s); update skipped", step + 1, record["grad_norm"])
+        stream.check_rate(record["samples_skipped"], record["samples_attempted"])
         logger.log(record)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['acc/ordered']:.2f}",
                                  kl=f"{record['kl']:.4f}", refresh=False)
 
-        # 7. Checkpoint (atomic: written to a temp dir, then renamed).
+        # Checkpoint (atomic: written to a temp dir, then renamed).
         if cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0 and step + 1 < total_steps:
-            session.checkpoint(cfg, step + 1, policy, stream, generators)
+            session.checkpoint(cfg, step + 1, policy, stateful, generators)
 
     # Final model in HF format (from_pretrained loads it), then the summary and the plot.
     final_dir = os.path.join(cfg.train.output_dir, "final")
