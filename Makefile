@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 TRITON_ENV = TRITON_INTERPRET=$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean gpu-check gpu-wheels
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -42,6 +42,19 @@ demo: setup
 bench: setup
 	$(TRITON_ENV) $(PY) benchmarks/bench_grpo_loss.py
 	$(PY) benchmarks/bench_frame_to_patch.py
+
+# The borrowed-GPU check (benchmarks/gpu_check.py): runs on the python it is given, never creates a venv and
+# never downloads. `make gpu-check PYTHON=python3` on the GPU machine (<= 10 min; exit 2 without a GPU);
+# `make gpu-check DRY=1 PYTHON=.venv/bin/python` anywhere (every GPU step skipped, output in runs/gpu_check_dry).
+# `make gpu-wheels` here (PyPI reachable): the cp312 wheels to carry beside the working tree (.whl/xz).
+PYTHON ?= python3
+DRY ?=
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(if $(filter-out 0 no false,$(DRY)),--dry) $(GPU_CHECK_ARGS)
+
+gpu-wheels: setup
+	$(PY) benchmarks/gpu_check.py --fetch-wheels $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info videor1/_C*.so $(BUILD_STAMP)

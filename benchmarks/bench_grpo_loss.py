@@ -36,6 +36,12 @@ Writes benchmarks/results/grpo_loss_<tag>.csv and .png. Numbers, not tests.
 
     python benchmarks/bench_grpo_loss.py            # CUDA if present, else the CPU run (~30 min on 2 cores)
     python benchmarks/bench_grpo_loss.py --quick    # small shapes, minutes
+    python benchmarks/bench_grpo_loss.py --sizes 8192 --time-box 60   # what `make gpu-check` runs
+
+--time-box SECONDS (the GPU check's mode): one measurement at a time, most important first (fwd+bwd
+before fwd; ours, then torch eager, then the baselines that compile first (Liger, torch.compile);
+linear_grpo_loss before grpo_loss), and no new measurement starts once SECONDS have passed; what was not measured is written as a
+"time-box" row. Providers whose package is missing (Liger) are skipped with a row saying so.
 """
 
 from __future__ import annotations
@@ -77,6 +83,13 @@ def eager_linear(hidden, weight, ids, adv, mask, old, ref):
     return eager_from_logits(hidden @ weight.t(), ids, adv, mask, old, ref)
 
 
+def _liger_missing() -> str:
+    """Why the Liger baselines cannot run here ("" when liger_kernel is importable)."""
+    import importlib.util
+
+    return "" if importlib.util.find_spec("liger_kernel") is not None else "liger-kernel is not installed"
+
+
 def make_providers(device: str, kernel: str):
     """name -> fn(inputs) returning the loss, for this device; plus the names skipped and why."""
     cuda = device == "cuda"
@@ -87,7 +100,9 @@ def make_providers(device: str, kernel: str):
         compiled = torch.compile(eager_from_logits)
         provs["torch-compile"] = lambda d: compiled(d["logits"][:, :-1], d["ids"], d["adv"], d["mask"], d["old"],
                                                     d["ref"])[0]
-        if cuda:
+        if cuda and _liger_missing():
+            skipped["liger-triton"] = _liger_missing()
+        elif cuda:
             from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
             provs["liger-triton"] = lambda d: triton_grpo_loss(
@@ -101,18 +116,21 @@ def make_providers(device: str, kernel: str):
         if not cuda:
             skipped["ours-logits (triton)"] = "the Triton interpreter is far too slow at these shapes; ran the torch path"
     else:
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
         provs["torch-eager"] = lambda d: eager_linear(d["hidden"], d["weight"], d["ids"], d["adv"], d["mask"],
                                                       d["old"], d["ref"])[0]
         compiled = torch.compile(eager_linear)
         provs["torch-compile"] = lambda d: compiled(d["hidden"], d["weight"], d["ids"], d["adv"], d["mask"], d["old"],
                                                     d["ref"])[0]
-        liger = LigerFusedLinearGRPOLoss(beta=LOSS_KW["beta"], compiled=cuda, use_ref_model=True,
-                                         epsilon_low=LOSS_KW["eps_low"], epsilon_high=LOSS_KW["eps_high"],
-                                         loss_type="grpo", temperature=LOSS_KW["temperature"])
-        provs["liger-chunked"] = lambda d: liger(d["hidden"], d["weight"], d["ids"], d["mask"], d["adv"],
-                                                 ref_per_token_logps=d["ref"], old_per_token_logps=d["old"])[0]
+        if _liger_missing():
+            skipped["liger-chunked"] = _liger_missing()
+        else:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+            liger = LigerFusedLinearGRPOLoss(beta=LOSS_KW["beta"], compiled=cuda, use_ref_model=True,
+                                             epsilon_low=LOSS_KW["eps_low"], epsilon_high=LOSS_KW["eps_high"],
+                                             loss_type="grpo", temperature=LOSS_KW["temperature"])
+            provs["liger-chunked"] = lambda d: liger(d["hidden"], d["weight"], d["ids"], d["mask"], d["adv"],
+                                                     ref_per_token_logps=d["ref"], old_per_token_logps=d["old"])[0]
         provs["ours-linear"] = lambda d: kernels.linear_grpo_loss(d["hidden"], d["weight"], d["ids"], d["adv"],
                                                                   d["mask"], old_logprobs=d["old"],
                                                                   ref_logprobs=d["ref"], **LOSS_KW)[0]
@@ -124,24 +142,26 @@ def make_providers(device: str, kernel: str):
 # ---- inputs -----------------------------------------------------------------------------------------------
 
 def make_inputs(kernel, n_tokens, seq_len, H, V, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """The inputs, drawn on the device (a CPU generator for the CPU runs, a CUDA one on the GPU, where
+    drawing 1.25e9 logits on the CPU would take longer than the measurements)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     B = max(1, n_tokens // seq_len)
     L = n_tokens // B
-    d = dict(ids=torch.randint(0, V, (B, L), generator=g).to(device),
-             adv=torch.randn(B, generator=g).to(device),
+    d = dict(ids=torch.randint(0, V, (B, L), generator=g, device=device),
+             adv=torch.randn(B, generator=g, device=device),
              mask=torch.ones(B, L, dtype=torch.bool, device=device))
     if kernel == "grpo_loss":
-        d["logits"] = (torch.randn(B, L + 1, V, generator=g, dtype=torch.float32) * 2).to(device, dtype)
+        d["logits"] = (torch.randn(B, L + 1, V, generator=g, dtype=torch.float32, device=device) * 2).to(dtype)
         d["logits"].requires_grad_(True)
         with torch.no_grad():
             lp = kernels.selective_logprobs(d["logits"][:, :-1], d["ids"], backend="torch" if device == "cpu" else "auto")
     else:
-        d["hidden"] = (torch.randn(B, L, H, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
-        d["weight"] = (torch.randn(V, H, generator=g) * H ** -0.5).to(device, dtype).requires_grad_(True)
+        d["hidden"] = (torch.randn(B, L, H, generator=g, device=device) * 0.5).to(dtype).requires_grad_(True)
+        d["weight"] = (torch.randn(V, H, generator=g, device=device) * H ** -0.5).to(dtype).requires_grad_(True)
         with torch.no_grad():
             lp = kernels.linear_selective_logprobs(d["hidden"], d["weight"], d["ids"])
-    d["old"] = (lp + 0.1 * torch.randn(lp.shape, generator=g).to(device)).float()
-    d["ref"] = (lp + 0.1 * torch.randn(lp.shape, generator=g).to(device)).float()
+    d["old"] = (lp + 0.1 * torch.randn(lp.shape, generator=g, device=device)).float()
+    d["ref"] = (lp + 0.1 * torch.randn(lp.shape, generator=g, device=device)).float()
     return d, B, L
 
 
@@ -293,6 +313,10 @@ def run(args):
     if cuda:
         bw = copy_bandwidth()
         print(f"device-to-device copy: {bw / 1e9:.0f} GB/s", flush=True)
+    if args.time_box is not None:  # one measurement at a time, most important first (see the docstring)
+        rows += run_time_boxed(args, kernels_to_run, sizes, seq_len, H, V, dtype, device, device_name, ver, note, reps,
+                               bw if cuda else None, flush=lambda partial: write_csv(rows + partial, args.out, tag))
+        kernels_to_run = []  # measured above
     for kernel in kernels_to_run:
         providers, skipped = make_providers(device, kernel)
         if args.providers:
@@ -353,15 +377,99 @@ def run(args):
             rows.append(dict(kernel=kernel, provider="skipped: " + ", ".join(skipped), mode="", metric="", shape="",
                              p50="", p20="", p80="", device=device_name, versions=ver,
                              note="; ".join(f"{k}: {v}" for k, v in skipped.items())))
-    out_dir = os.path.join(ROOT, "benchmarks", "results")
+    csv_path = write_csv(rows, args.out, tag)
+    try:
+        plot(rows, csv_path[: -len(".csv")] + ".png", device_name)
+    except ImportError as e:  # a borrowed GPU machine may have no matplotlib: the CSV is what matters
+        print(f"no plot ({e})", flush=True)
+    print(f"wrote {csv_path}", flush=True)
+
+
+def write_csv(rows, out, tag) -> str:
+    out_dir = out or os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"grpo_loss_{tag}.csv")
-    with open(csv_path, "w", newline="") as f:
+    with open(csv_path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, os.path.join(out_dir, f"grpo_loss_{tag}.png"), device_name)
-    print(f"wrote {csv_path}", flush=True)
+    os.replace(csv_path + ".tmp", csv_path)
+    return csv_path
+
+
+TIME_BOX_PROVIDER_ORDER = ["ours-linear", "ours-logits", "torch-eager", "liger-chunked", "liger-triton", "torch-compile"]
+
+
+def run_time_boxed(args, kernels_to_run, sizes, seq_len, H, V, dtype, device, device_name, ver, note, reps, bw,
+                   flush=lambda rows: None):
+    """--time-box: measure (kernel, mode, provider) one at a time, most important first; none starts after the
+    box has run out (those get a "time-box" row). A provider that raises gets an "error" row. flush(rows) is
+    called after every measurement (the CSV so far survives a kill by an outer timeout)."""
+    cuda = device == "cuda"
+    t_end = time.monotonic() + args.time_box
+    modes = sorted(args.modes.split(","), key=lambda m: m != "fwd+bwd")
+    kernels_in_order = sorted(kernels_to_run, key=lambda k: k != "linear_grpo_loss")
+    providers = {k: make_providers(device, k) for k in kernels_in_order}
+    wanted = args.providers.split(",") if args.providers else None
+    rows, inputs, dt = [], {}, str(dtype).replace("torch.", "")
+    for kernel in kernels_in_order:
+        for name, why in providers[kernel][1].items():
+            print(f"  skipped {kernel}/{name}: {why}", flush=True)
+            rows.append(dict(kernel=kernel, provider="skipped: " + name, mode="", metric="", shape="", p50="", p20="",
+                             p80="", device=device_name, versions=ver, note=f"{name}: {why}"))
+
+    def rank(job):  # fwd+bwd before fwd; ours, then eager, then the (compiling) baselines; the trainer's kernel first
+        mode, kernel, n, p = job
+        cls = 0 if p.startswith("ours") else 1 if p == "torch-eager" else 2
+        return modes.index(mode), cls, kernels_in_order.index(kernel), TIME_BOX_PROVIDER_ORDER.index(p) \
+            if p in TIME_BOX_PROVIDER_ORDER else 99, sizes.index(n)
+
+    jobs = sorted(((mode, kernel, n, p) for mode in modes for kernel in kernels_in_order for n in sizes
+                   for p in providers[kernel][0] if wanted is None or p in wanted), key=rank)
+    for mode, kernel, n, p in jobs:
+        provs = providers[kernel][0]
+        B = max(1, n // seq_len)
+        shape = f"B={B} L={n // B} V={V} {dt}" if kernel == "grpo_loss" else f"B={B} L={n // B} H={H} V={V} {dt}"
+        common = dict(kernel=kernel, provider=p, mode=mode, shape=shape, device=device_name, versions=ver, note=note)
+        if time.monotonic() > t_end:
+            rows.append(dict(common, provider="time-box", metric="", p50="", p20="", p80="",
+                             note=f"{p} {mode}: not measured, the {args.time_box:.0f} s time box ran out"))
+            print(f"  {kernel:16s} {p:14s} {mode:8s} N={n:6d}: not measured (time box)", flush=True)
+            continue
+        if (kernel, n) not in inputs:
+            inputs[(kernel, n)] = make_inputs(kernel, n, seq_len, H, V, dtype, device)
+            if cuda and kernel == "grpo_loss" and bw:
+                bound_ms = 3 * n * V * inputs[(kernel, n)][0]["logits"].element_size() / bw * 1e3
+                rows.append(dict(common, provider="bandwidth-bound", mode="fwd+bwd", metric="time_ms",
+                                 p50=round(bound_ms, 3), p20="", p80="", note="3 x N x V x bytes / device copy bandwidth"))
+        d = inputs[(kernel, n)][0]
+        fn = provs[p]
+        try:
+            step(fn, d, mode)  # warm-up: compilation, autotuning
+            clear_grads(d)
+            if cuda:
+                t50, t20, t80 = time_cuda(fn, d, mode, reps)
+            else:
+                t50, t20, t80 = quantiles([time_cpu(fn, d, mode)[0] for _ in range(reps)])
+            peak, _ = (cuda_memory if cuda else cpu_memory)(fn, d, mode)
+        except Exception as e:  # e.g. out of memory, or a baseline that breaks on this stack
+            rows.append(dict(common, metric="error", p50="", p20="", p80="", note=f"{type(e).__name__}: {str(e)[:300]}"))
+            print(f"  {kernel:16s} {p:14s} {mode:8s} N={n:6d}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+            clear_grads(d)
+            if cuda:
+                torch.cuda.empty_cache()
+            flush(rows)
+            continue
+        grads = grad_bytes(d) if mode == "fwd+bwd" else 0
+        rows.append(dict(common, metric="time_ms", p50=round(t50, 3), p20=round(t20, 3), p80=round(t80, 3)))
+        for metric, value in (("peak_mem_mb", peak), ("grad_mem_mb", grads), ("extra_mem_mb", peak - grads)):
+            mb = round(value / 2**20, 1)
+            rows.append(dict(common, metric=metric, p50=mb, p20=mb, p80=mb))
+        print(f"  {kernel:16s} {p:14s} {mode:8s} N={n:6d}: {t50:10.2f} ms  peak {peak / 2**20:9.1f} MB  "
+              f"extra {(peak - grads) / 2**20:9.1f} MB", flush=True)
+        clear_grads(d)
+        flush(rows)
+    return rows
 
 
 def plot(rows, path, device_name):
@@ -404,6 +512,9 @@ def main():
     ap.add_argument("--reps", type=int, help="CPU: timed repeats (default 1, 3 with --quick); CUDA: do_bench time budget in units of 100 ms (default 20)")
     ap.add_argument("--tag", help="results file suffix (default: cpu / cpu_quick / cuda_<gpu>)")
     ap.add_argument("--note", help="free-text note stored in every row")
+    ap.add_argument("--time-box", type=float, help="seconds: measure one (kernel, mode, provider) at a time, most "
+                                                   "important first, and start none after this (the GPU check's mode)")
+    ap.add_argument("--out", help="results directory (default benchmarks/results)")
     run(ap.parse_args())
 
 
