@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from videor1.tgrpo import group_advantages, group_rewards, length_bonus, shuffle_permutation, temporal_bonus
+from videor1.tgrpo import (batch_reward_std, group_advantages, group_rewards, group_stats, length_bonus,
+                           shuffle_permutation, temporal_bonus)
 
 T = torch.tensor
 
@@ -78,3 +79,45 @@ def test_shuffle_permutation_is_a_non_identity_permutation():
             assert sorted(p.tolist()) == list(range(n))
             assert not torch.equal(p, torch.arange(n))
     assert torch.equal(shuffle_permutation(1, g), T([0]))
+
+
+def test_scale_rewards_group_batch_none():
+    r = T([1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0])
+    centred = T([0.5, -0.5, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0])
+    group_std = T([1.0, 0.0, 1.0, 0.0]).std()
+    assert torch.allclose(group_advantages(r, 4, scale="group")[:4], centred[:4] / (group_std + 1e-4))
+    assert torch.allclose(group_advantages(r, 4, scale="none"), centred)
+    # "batch" (TRL): the group's mean, the whole step's unbiased std: sum 10, sum sq 18, n 8
+    std = float(r.std())
+    assert batch_reward_std(float(r.sum()), float((r * r).sum()), 8) == pytest.approx(std, rel=1e-6)
+    assert std == pytest.approx(((18 - 10 ** 2 / 8) / 7) ** 0.5)
+    assert torch.allclose(group_advantages(r, 4, scale="batch", batch_std=std), centred / (std + 1e-4))
+    # the all-equal group keeps zero advantages under every scaling
+    for scale in ("group", "none"):
+        assert torch.equal(group_advantages(r, 4, scale=scale)[4:], torch.zeros(4))
+    assert batch_reward_std(3.0, 9.0, 1) == 0.0 and batch_reward_std(4.0, 8.0, 2) == 0.0
+    with pytest.raises(ValueError, match="batch_std"):
+        group_advantages(r, 4, scale="batch")
+    with pytest.raises(ValueError, match="scale must be"):
+        group_advantages(r, 4, scale="bogus")
+
+
+def test_reward_weights_scale_rewards_not_bonuses():
+    ordered = {"accuracy": T([1.0, 0.0, 1.0, 1.0]), "format": T([1.0, 1.0, 0.0, 1.0])}
+    # 2 * accuracy + 0.5 * format + temporal bonus 0.3 (unweighted) on the correct ones
+    total, parts = group_rewards(ordered, T([10, 10, 10, 10]), T([0.0, 0.0]), weights={"accuracy": 2.0, "format": 0.5})
+    assert parts["temporal_applied"] is True
+    assert torch.allclose(total, T([2.8, 0.5, 2.3, 2.8]))
+    # length bonus unweighted too; a weight of 0 removes a reward; missing names weigh 1.0
+    total, _ = group_rewards(ordered, T([400, 400, 400, 100]), None, length_bonus_value=0.2, weights={"format": 0.0})
+    assert torch.allclose(total, T([1.2, 0.0, 1.2, 1.0]))
+
+
+def test_group_stats():
+    s = group_stats(T([1.0, 0.0, 1.0, 0.0]), T([1.0, 0.0, 1.0, 0.0]))
+    assert s["reward_std"] == pytest.approx(float(T([1.0, 0.0, 1.0, 0.0]).std()))
+    assert (s["zero_std"], s["all_correct"], s["all_wrong"]) == (0.0, 0.0, 0.0)
+    s = group_stats(T([2.0, 2.0]), T([1.0, 0.5]))
+    assert s == {"reward_std": 0.0, "zero_std": 1.0, "all_correct": 1.0, "all_wrong": 0.0}
+    s = group_stats(T([0.0, 0.3]), T([0.1, 0.0]))  # 0.1 is not > 0.1
+    assert s["all_wrong"] == 1.0 and s["all_correct"] == 0.0 and s["zero_std"] == 0.0

@@ -45,13 +45,17 @@ def check_ok(proc):
 
 REQUIRED = ["loss", "reward", "reward/accuracy", "reward/format", "reward/test_signal", "reward/length_bonus",
             "reward/temporal_bonus", "acc/ordered", "kl", "clip_ratio", "completion_length", "grad_norm", "lr",
-            "time/rollout", "time/reference", "time/policy", "time/optimizer", "tokens_per_s", "peak_mem_gb"]
+            "time/rollout", "time/reference", "time/policy", "time/optimizer", "tokens_per_s", "peak_mem_gb",
+            "reward_std", "frac_reward_zero_std", "frac_all_correct", "frac_all_wrong", "clipped_ratio",
+            "samples_too_long"]
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tiny_ckpt, synth_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    proc = torchrun(base_args(tiny_ckpt, synth_data, out) + ["--train.max_steps", "4", "--train.engine", "fsdp2"])
+    proc = torchrun(base_args(tiny_ckpt, synth_data, out) + ["--train.max_steps", "4", "--train.engine", "fsdp2",
+                                                             "--train.report_to", "tensorboard", "--train.logging_steps",
+                                                             "2", "--train.log_completions", "true"])
     check_ok(proc)
     return str(out), proc
 
@@ -76,6 +80,20 @@ def test_fsdp2_two_ranks_trains_and_logs(fsdp_run, tiny_ckpt):
     assert not torch.equal(final.lm_head.weight, start.lm_head.weight)
     assert os.path.isfile(os.path.join(out, "reward_curves.png"))
     assert "metric" in proc.stdout and "final model:" in proc.stdout  # the summary table
+    # checkpoint-2 holds an HF copy of the step-2 weights (train.save_hf_checkpoints, on by default)
+    ckpt = AutoModelForImageTextToText.from_pretrained(os.path.join(out, "checkpoint-2", "hf"))
+    assert not torch.equal(ckpt.lm_head.weight, start.lm_head.weight)
+    assert not torch.equal(ckpt.lm_head.weight, final.lm_head.weight)
+    assert os.path.isfile(os.path.join(out, "checkpoint-2", "hf", "processor_config.json"))
+    # logging_steps 2: the console line at steps 2 and 4; a completions sample at each, TensorBoard events
+    assert "step 2/4: reward" in proc.stderr and "step 4/4: reward" in proc.stderr and "step 1/4:" not in proc.stderr
+    with open(os.path.join(out, "completions.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    assert [s["step"] for s in samples] == [2, 4]
+    for s in samples:
+        assert {"problem_id", "problem", "data_type"} <= set(s) and 1 <= len(s["completions"]) <= 4
+        assert {"text", "rewards", "reward", "advantage"} == set(s["completions"][0])
+    assert os.listdir(os.path.join(out, "tensorboard"))
 
 
 def test_resume_continues_exactly(fsdp_run, tiny_ckpt, synth_data, tmp_path):
@@ -100,7 +118,9 @@ def test_deepspeed_zero3_two_ranks_two_iterations(tiny_ckpt, synth_data, tmp_pat
     """ZeRO-3, and each batch of rollouts used twice (old log-probs, two optimiser steps per step)."""
     proc = torchrun(base_args(tiny_ckpt, synth_data, tmp_path) + ["--train.max_steps", "3", "--train.engine", "deepspeed",
                                                                    "--train.deepspeed_config", "configs/zero3.json",
-                                                                   "--algo.num_iterations", "2"],
+                                                                   "--algo.num_iterations", "2",
+                                                                   "--algo.scale_rewards", "batch",
+                                                                   "--algo.reward_weights", "[1.0, 0.5, 1.0]"],
                     env={"TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".venv", "torch_extensions")})
     check_ok(proc)
     rows = metrics(tmp_path)
@@ -113,6 +133,7 @@ def test_deepspeed_zero3_two_ranks_two_iterations(tiny_ckpt, synth_data, tmp_pat
     from transformers import AutoModelForImageTextToText
 
     AutoModelForImageTextToText.from_pretrained(os.path.join(tmp_path, "final"))
+    AutoModelForImageTextToText.from_pretrained(os.path.join(tmp_path, "checkpoint-2", "hf"))  # ZeRO-3 gathered
 
 
 def test_bad_config_fails_before_any_model_loads(tiny_ckpt, synth_data, tmp_path):

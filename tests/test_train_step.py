@@ -11,7 +11,7 @@ from videor1.config import Config
 from videor1.engine import StepResult, _scheduler
 from videor1.metrics import StepTimer
 from videor1.rollout import Prompt
-from videor1.train import Group, PolicyStats, SafeRewards, optimizer_steps, step_record
+from videor1.train import Group, PolicyStats, SafeRewards, loss_scale, optimizer_steps, score_groups, step_record
 
 
 def lr_sequence(cfg: Config, steps: int, built_for: int) -> list[float]:
@@ -108,3 +108,73 @@ def test_reward_error_counts_survive_a_resume(monkeypatch):
     restored.load_state_dict(rewards.state_dict())
     restored(["c"], {"problem_id": 2})
     assert restored.total_errors == 3 and restored.errors == {("always_fails", "ZeroDivisionError"): 3}
+
+
+def _trl_group(total: list[float], accuracy: list[float], truncated: list[bool]) -> Group:
+    n = len(total)
+    g = Group(Prompt({"data_type": "image"}, torch.zeros(3, dtype=torch.long), {}), torch.zeros(n, 4),
+              torch.ones(n, 4), torch.full((n,), 4), {"accuracy": torch.tensor(accuracy)},
+              truncated=torch.tensor(truncated))
+    g.total = torch.tensor(total)
+    return g
+
+
+def test_trl_metrics_are_over_every_group_of_every_rank(monkeypatch):
+    """reward_std, frac_reward_zero_std, frac_all_correct / _wrong are means over the prompt groups of
+    both ranks; clipped_ratio over their ordered completions; samples_too_long summed."""
+    rank1 = [_trl_group([1.0, 1.0], [1.0, 1.0], [False, False]),  # std 0, all correct
+             _trl_group([0.0, 0.0], [0.0, 0.0], [True, True])]  # std 0, all wrong, both clipped
+    rank0 = [_trl_group([1.0, 0.0], [1.0, 0.0], [True, False])]  # std sqrt(0.5), mixed
+    stats = PolicyStats(tokens=1.0, results=[StepResult(1.0, True, 1e-3)])
+    sent = {}
+    monkeypatch.setattr(D, "all_reduce_sum", lambda v: sent.setdefault("v", torch.tensor(v, dtype=torch.float64)))
+    monkeypatch.setattr(D, "all_reduce_max", lambda v: torch.tensor(v, dtype=torch.float64))
+    step_record(1, rank1, stats, StepTimer(), 1.0, 0, 4, 0, too_long=2)
+    other = sent["v"]
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    monkeypatch.setattr(D, "all_reduce_sum", lambda v: torch.tensor(v, dtype=torch.float64) + other)
+    rec = step_record(1, rank0, stats, StepTimer(), 1.0, 0, 3, 0, too_long=1)
+    assert rec["reward_std"] == pytest.approx((0 + 0 + 0.5 ** 0.5) / 3)
+    assert rec["frac_reward_zero_std"] == pytest.approx(2 / 3)
+    assert rec["frac_all_correct"] == pytest.approx(1 / 3) and rec["frac_all_wrong"] == pytest.approx(1 / 3)
+    assert rec["clipped_ratio"] == pytest.approx(3 / 6)
+    assert rec["samples_too_long"] == 3
+
+
+def test_batch_scaled_advantages_use_every_rank_rewards(monkeypatch):
+    """scale_rewards="batch": each group is centred on its own mean and divided by the std of every
+    reward of the step on both ranks (TRL), computed from summed (sum, sum of squares, count)."""
+    cfg = Config()
+    cfg.rollout.num_generations, cfg.algo.scale_rewards, cfg.algo.temporal, cfg.algo.length_bonus = 2, "batch", False, 0.0
+    cfg.algo.rewards = ["accuracy"]
+
+    def group(acc):
+        return Group(Prompt({"data_type": "image"}, torch.zeros(3, dtype=torch.long), {}), torch.zeros(2, 4),
+                     torch.ones(2, 4), torch.full((2,), 4), {"accuracy": torch.tensor(acc)})
+
+    other = [group([0.0, 0.0]), group([1.0, 1.0])]  # rank 1
+    mine = [group([1.0, 0.0])]  # rank 0
+    sent = {}
+    monkeypatch.setattr(D, "all_reduce_sum", lambda v: sent.setdefault("v", torch.tensor(v, dtype=torch.float64)))
+    score_groups(cfg, other)
+    monkeypatch.setattr(D, "all_reduce_sum", lambda v: torch.tensor(v, dtype=torch.float64) + sent["v"])
+    score_groups(cfg, mine)
+    std = float(torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 0.0], dtype=torch.float64).std())
+    assert torch.allclose(mine[0].advantages, torch.tensor([0.5, -0.5]) / (std + 1e-4))
+    # reward_weights scale the named rewards before the advantages
+    cfg.algo.scale_rewards, cfg.algo.reward_weights = "none", [3.0]
+    g = group([1.0, 0.0])
+    score_groups(cfg, [g])
+    assert torch.allclose(g.total, torch.tensor([3.0, 0.0])) and torch.allclose(g.advantages, torch.tensor([1.5, -1.5]))
+
+
+def test_masked_truncated_completions_leave_the_token_counts():
+    """Under mask_truncated_completions a truncated completion's tokens are out of bnpo's normaliser."""
+    cfg = Config()
+    cfg.algo.loss_type = "bnpo"
+    a = _trl_group([1.0, 0.0], [1.0, 0.0], [True, False])
+    b = _trl_group([1.0, 0.0], [1.0, 0.0], [False, False])
+    a.loss_lengths = a.lengths * ~a.truncated  # as rollout_phase sets it
+    assert loss_scale(cfg, a, [a, b], 0.0)[0] == pytest.approx(4 / 12)
+    cfg.algo.loss_type = "dapo"
+    assert loss_scale(cfg, a, [a, b], 0.0)[1] == {"num_items": 1.0}  # never 0 when every completion is masked

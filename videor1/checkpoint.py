@@ -45,9 +45,13 @@ def set_rng_state(state: dict, extra_generators: dict[str, torch.Generator] | No
         gen.set_state(state[f"gen/{name}"])
 
 
-def save_checkpoint(output_dir: str, step: int, engine, trainer_state: dict, rank_state: dict) -> str:
+def save_checkpoint(output_dir: str, step: int, engine, trainer_state: dict, rank_state: dict,
+                    extra_writer=None, save_total_limit: int = 0) -> str:
     """Collective: every rank calls it. `rank_state` (this rank's sampler, RNGs) is gathered to rank 0's
-    trainer_state.json except the RNG states, which each rank writes to its own file."""
+    trainer_state.json except the RNG states, which each rank writes to its own file. `extra_writer(tmp)`,
+    when given, is called on every rank (it may be collective) after the engine state is written and
+    before the atomic rename (e.g. an HF-format copy of the model). `save_total_limit` > 0: once the new
+    checkpoint is complete, rank 0 deletes the oldest complete checkpoints beyond the last N."""
     final = checkpoint_dir(output_dir, step)
     tmp = final + ".tmp"
     if D.is_main():
@@ -56,6 +60,8 @@ def save_checkpoint(output_dir: str, step: int, engine, trainer_state: dict, ran
     D.barrier()
     engine.save(tmp)
     torch.save(rank_state.pop("rng"), os.path.join(tmp, f"rng_rank{D.rank()}.pt"))
+    if extra_writer is not None:
+        extra_writer(tmp)
     ranks = D.all_gather_objects(rank_state)
     D.barrier()
     if D.is_main():
@@ -67,18 +73,37 @@ def save_checkpoint(output_dir: str, step: int, engine, trainer_state: dict, ran
         if os.path.exists(final):  # a stale copy of the same step (e.g. a rerun): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if save_total_limit > 0:
+            prune_checkpoints(output_dir, save_total_limit)
     D.barrier()
     return final
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The complete checkpoint with the highest step in output_dir (ignores *.tmp leftovers)."""
-    best, best_step = None, -1
+def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint in output_dir, oldest first (ignores *.tmp leftovers)."""
+    out = []
     for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
         m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))
-        if m and os.path.isfile(os.path.join(path, STATE_FILE)) and int(m.group(1)) > best_step:
-            best, best_step = path, int(m.group(1))
-    return best
+        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints (rank 0 only, after a new one is complete);
+    final/ and incomplete *.tmp directories are never touched. Returns the deleted paths."""
+    done = complete_checkpoints(output_dir)
+    deleted = []
+    for _, path in done[:max(0, len(done) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+        deleted.append(path)
+    return deleted
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint with the highest step in output_dir (ignores *.tmp leftovers)."""
+    done = complete_checkpoints(output_dir)
+    return done[-1][1] if done else None
 
 
 def load_checkpoint(path: str, engine) -> tuple[dict, dict]:

@@ -5,11 +5,20 @@
 Unknown keys, wrong types and out-of-range values raise ConfigError naming the dotted key, before
 any work starts. Ranges and choices live next to each field (`field(metadata=...)`), so the check
 and the default sit in one place.
+
+TRL's GRPOConfig names are accepted too, flat, in YAML (top-level keys) and on the command line
+(`--max_steps 5 --epsilon_high 0.28`): TRL_NAMES maps each onto our dotted key (README "Coming from
+TRL"). Within one source (the YAML file, or the command line) a TRL name and its dotted key, or two
+names of one setting, are an error naming both; the command line overrides the file whichever names
+either uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,8 +31,9 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
 
-def _f(default: Any = dataclasses.MISSING, *, choices=None, ge=None, gt=None, le=None, lt=None, factory=None):
-    meta = {k: v for k, v in dict(choices=choices, ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+def _f(default: Any = dataclasses.MISSING, *, choices=None, ge=None, gt=None, le=None, lt=None, factory=None,
+       finite=None):
+    meta = {k: v for k, v in dict(choices=choices, ge=ge, gt=gt, le=le, lt=lt, finite=finite).items() if v is not None}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,6 +62,7 @@ class DataConfig:
     skip_rate_min_samples: int = _f(50, ge=1)  # ... judged once this many samples were attempted
     shuffle: bool = True
     cache_media: bool = False  # keep decoded frames in memory (small datasets, many epochs)
+    max_prompt_length: int = _f(0, ge=0)  # prompts longer (tokens, vision included) are skipped and counted; 0 = off
 
 
 @dataclass
@@ -71,8 +82,12 @@ class AlgoConfig:
     temporal: bool = True  # T-GRPO; false = plain GRPO
     alpha: float = _f(0.3, ge=0)  # temporal bonus
     mu: float = _f(0.8, ge=0)  # bonus when p_ordered >= mu * p_shuffled
-    scale_rewards: bool = True  # (r - mean) / (std + 1e-4); false = Dr. GRPO's unscaled form
+    # (r - mean_group) / (std + 1e-4) with the group's std ("group", Video-R1), the whole step's std over
+    # every rank ("batch", TRL), or unscaled ("none", Dr. GRPO). YAML true / false read as group / none.
+    scale_rewards: str = _f("group", choices=("group", "batch", "none"))
     rewards: list[str] = _f(factory=lambda: ["accuracy", "format"])  # names in videor1.rewards.REWARDS
+    reward_weights: list[float] = _f(factory=list)  # one per algo.rewards entry; empty = all 1.0
+    mask_truncated_completions: bool = False  # completions without EOS at max length leave the loss
     reward_modules: list[str] = _f(factory=list)  # modules imported first, to @register_reward your own
     length_bonus: float = _f(0.2, ge=0)
     length_min: int = _f(320, ge=0)
@@ -89,13 +104,13 @@ class AlgoConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(1e-6, gt=0)
-    weight_decay: float = _f(0.0, ge=0)
+    lr: float = _f(1e-6, gt=0, finite=True)
+    weight_decay: float = _f(0.0, ge=0, finite=True)
     adam_beta1: float = _f(0.9, ge=0, lt=1)
     adam_beta2: float = _f(0.999, ge=0, lt=1)
     warmup_ratio: float = _f(0.0, ge=0, le=1)
     scheduler: str = _f("cosine", choices=("cosine", "constant", "linear"))
-    max_grad_norm: float = _f(5.0, gt=0)
+    max_grad_norm: float = _f(5.0, gt=0, finite=True)
     grad_accum: int = _f(1, ge=1)
 
 
@@ -103,7 +118,7 @@ class OptimConfig:
 class TrainConfig:
     output_dir: str = "runs/tgrpo"
     seed: int = 0
-    max_steps: int = _f(-1, ge=-1)  # -1 = num_epochs over the data
+    max_steps: int = _f(-1, ge=-1)  # training steps; 0 or -1 = "by epochs": num_epochs passes over the data
     num_epochs: float = _f(1.0, gt=0)
     per_device_batch_size: int = _f(1, ge=1)  # prompts per rank per micro-step
     engine: str = _f("fsdp2", choices=("fsdp2", "deepspeed"))
@@ -111,7 +126,13 @@ class TrainConfig:
     mixed_precision: str = _f("no", choices=("no", "bf16"))
     save_steps: int = _f(0, ge=0)  # 0 = only at the end
     resume_from: str = ""
-    tensorboard: bool = False
+    overwrite_output_dir: bool = False  # a fresh run into a non-empty output_dir refuses without it
+    resume_allow_changes: list[str] = _f(factory=list)  # dotted keys that may differ from the checkpoint's config
+    save_total_limit: int = _f(0, ge=0)  # keep the last N checkpoints (0 = all); final/ is always kept
+    save_hf_checkpoints: bool = True  # each checkpoint-N also holds an HF copy (from_pretrained loads it)
+    logging_steps: int = _f(1, ge=1)  # console summary every N steps (metrics.jsonl gets every step)
+    report_to: str = _f("none", choices=("none", "tensorboard", "wandb"))
+    log_completions: bool = False  # a sample of prompts, completions and rewards every logging step
     dist_timeout_s: float = _f(600.0, gt=0)  # a collective waiting longer (a dead rank) fails the job
 
 
@@ -151,6 +172,8 @@ class Config:
 
 
 def _check_range(key: str, value: Any, meta: dict) -> None:
+    if meta.get("finite") and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"config key '{key}' must be one of {list(meta['choices'])}, got {value!r}")
     for op, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
@@ -201,6 +224,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {typ}")
 
 
+# Keys that were booleans in an older schema: bool -> today's value.
+_LEGACY_BOOLS = {"algo.scale_rewards": {True: "group", False: "none"}}
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from nested dicts; unknown keys, wrong types, bad ranges raise ConfigError."""
     if not isinstance(data, dict):
@@ -213,6 +240,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         key, typ = prefix + name, hints[name]
+        if key in _LEGACY_BOOLS and isinstance(value, bool):  # values of an older schema still load
+            value = _LEGACY_BOOLS[key][value]
         if dataclasses.is_dataclass(typ):
             kwargs[name] = from_dict(typ, value, key + ".")
         else:
@@ -263,8 +292,208 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+# ----------------------------------------------------------------------------------------------
+# TRL GRPOConfig names (flat) -> our dotted keys. A transform turns TRL's value into ours and raises
+# ValueError (reported as a ConfigError naming both names) for a TRL value we do not support.
+
+
+class _Unsupported(ValueError):
+    pass
+
+
+def _bf16(v):
+    if not isinstance(v, bool):
+        raise _Unsupported(f"must be true or false, got {v!r}")
+    return "bf16" if v else "no"
+
+
+def _scale_rewards(v):
+    if isinstance(v, bool):  # TRL < 0.22: a bool
+        return "group" if v else "none"
+    return v  # group | batch | none, checked by algo.scale_rewards' choices
+
+
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # TRL also has cispo, sapo, luspo, ...: not implemented
+
+
+def _loss_type(v):
+    if isinstance(v, str) and v not in TRL_LOSS_TYPES:
+        raise _Unsupported(f"TRL loss_type {v!r} is not implemented here; supported: {list(TRL_LOSS_TYPES)}")
+    return v
+
+
+def _report_to(v):
+    if v is None or v == []:
+        return "none"
+    if isinstance(v, list):
+        names = [x for x in v if x != "none"]
+        if len(names) > 1:
+            raise _Unsupported(f"one backend at a time (tensorboard, wandb or none), got {v!r}")
+        return names[0] if names else "none"
+    if v == "all":
+        raise _Unsupported("'all' is not supported: name one of tensorboard, wandb, none")
+    return v
+
+
+def _none_as(default):
+    return lambda v: default if v is None else v
+
+
+def _resume_from_checkpoint(v):
+    if v is True:
+        return "auto"  # TRL: True = the latest checkpoint in output_dir
+    if v is None or v is False:
+        return ""
+    return v
+
+
+_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+
+
+def _scheduler(v):
+    if isinstance(v, str) and v not in _SCHEDULERS:
+        raise _Unsupported(f"lr_scheduler_type {v!r} is not supported; supported: {sorted(_SCHEDULERS)}")
+    return _SCHEDULERS.get(v, v)
+
+
+# TRL name -> (dotted key, value transform or None). README "Coming from TRL" has the same table with notes.
+TRL_NAMES: dict[str, tuple[str, Any]] = {
+    "max_steps": ("train.max_steps", None),
+    "num_train_epochs": ("train.num_epochs", None),
+    "per_device_train_batch_size": ("train.per_device_batch_size", None),  # ours counts prompts, not completions
+    "gradient_accumulation_steps": ("optim.grad_accum", None),
+    "learning_rate": ("optim.lr", None),
+    "weight_decay": ("optim.weight_decay", None),
+    "warmup_ratio": ("optim.warmup_ratio", None),
+    "lr_scheduler_type": ("optim.scheduler", _scheduler),
+    "max_grad_norm": ("optim.max_grad_norm", None),
+    "seed": ("train.seed", None),
+    "output_dir": ("train.output_dir", None),
+    "overwrite_output_dir": ("train.overwrite_output_dir", None),
+    "resume_from_checkpoint": ("train.resume_from", _resume_from_checkpoint),
+    "save_steps": ("train.save_steps", None),
+    "save_total_limit": ("train.save_total_limit", _none_as(0)),
+    "logging_steps": ("train.logging_steps", None),
+    "report_to": ("train.report_to", _report_to),
+    "log_completions": ("train.log_completions", None),
+    "bf16": ("train.mixed_precision", _bf16),
+    "gradient_checkpointing": ("model.gradient_checkpointing", None),
+    "num_generations": ("rollout.num_generations", None),
+    "max_completion_length": ("rollout.max_completion_length", None),
+    "max_prompt_length": ("data.max_prompt_length", _none_as(0)),
+    "temperature": ("rollout.temperature", None),
+    "top_p": ("rollout.top_p", None),
+    "top_k": ("rollout.top_k", _none_as(0)),
+    "min_p": ("rollout.min_p", _none_as(0.0)),
+    "repetition_penalty": ("rollout.repetition_penalty", None),
+    "beta": ("algo.beta", None),
+    "epsilon": ("algo.eps_low", None),  # also algo.eps_high unless given (TRL: epsilon_high defaults to epsilon)
+    "epsilon_high": ("algo.eps_high", None),
+    "importance_sampling_level": ("algo.importance_level", None),
+    "loss_type": ("algo.loss_type", _loss_type),
+    "scale_rewards": ("algo.scale_rewards", _scale_rewards),
+    "num_iterations": ("algo.num_iterations", None),
+    "mask_truncated_completions": ("algo.mask_truncated_completions", None),
+    "reward_weights": ("algo.reward_weights", None),
+}
+
+
+def _has(data: dict, dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config section '{part}' must be a mapping, got {node!r}")
+    node[parts[-1]] = value
+
+
+def translate_trl_names(data: dict, source: str, cls: type = Config) -> tuple[dict, set[str], set[str]]:
+    """Replace the flat TRL names in one source's `data` by our dotted keys. Returns (data, the dotted
+    keys that source set under either name, the TRL names it used). A TRL name whose key is also
+    given, or two TRL names of one key, raise ConfigError naming both; so does an unknown top-level
+    name (listing the TRL names)."""
+    sections = {f.name for f in dataclasses.fields(cls)}
+    out = {k: v for k, v in data.items() if k in sections}
+    by_trl: dict[str, str] = {}
+    for name, value in data.items():
+        if name in sections:
+            continue
+        if name not in TRL_NAMES:
+            raise ConfigError(f"unknown config key '{name}' in {source}: not a section ({sorted(sections)}) nor a "
+                              f"supported TRL GRPOConfig name ({sorted(TRL_NAMES)})")
+        dotted, transform = TRL_NAMES[name]
+        if _has(data, dotted):
+            raise ConfigError(f"{source} sets '{name}' (TRL name for {dotted}) and '{dotted}': give one of them")
+        if dotted in by_trl:
+            raise ConfigError(f"{source} sets '{by_trl[dotted]}' and '{name}', both for {dotted}: give one of them")
+        by_trl[dotted] = name
+        if transform is not None:
+            try:
+                value = transform(value)
+            except _Unsupported as e:
+                raise ConfigError(f"'{name}' (TRL name for {dotted}) in {source}: {e}") from None
+        _set(out, dotted, value)
+    return out, set(flatten(out)), set(by_trl.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# The config that shapes training: hashed into every checkpoint, compared on resume.
+
+# Keys that do not change what is trained (where it is written, how often it is saved or logged,
+# how long it runs, memory-only and fault-handling options): they may differ on resume. Every other
+# key, model.path and data.train_file included, must match unless listed in train.resume_allow_changes.
+RESUME_IGNORED_KEYS = (
+    "train.output_dir", "train.resume_from", "train.overwrite_output_dir", "train.resume_allow_changes",
+    "train.save_steps", "train.save_total_limit", "train.save_hf_checkpoints", "train.logging_steps",
+    "train.report_to", "train.log_completions", "train.dist_timeout_s", "train.max_steps", "train.num_epochs",
+    "data.cache_media", "data.max_skip_rate", "data.skip_rate_min_samples",
+)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested config dict -> {dotted key: value}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def training_config(cfg_or_dict: Any) -> dict:
+    """{dotted key: value} of the keys that shape training (all but RESUME_IGNORED_KEYS)."""
+    d = cfg_or_dict if isinstance(cfg_or_dict, dict) else to_dict(cfg_or_dict)
+    return {k: v for k, v in flatten(d).items() if k not in RESUME_IGNORED_KEYS}
+
+
+def config_hash(cfg_or_dict: Any) -> str:
+    """sha256 of the keys that shape training (stable across runs and key order)."""
+    blob = json.dumps(training_config(cfg_or_dict), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} of the training-shaping keys that differ between two config dicts
+    (a key missing on one side, e.g. from an older version, reads as '<absent>')."""
+    a, b = training_config(old), training_config(new)
+    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+            if a.get(k, "<absent>") != b.get(k, "<absent>")}
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
-    """Load `cls` from a YAML file (optional) plus `--key value` overrides, validated."""
+    """Load `cls` from a YAML file (optional) plus `--key value` overrides (our dotted keys or TRL's
+    flat names), validated."""
     data: dict = {}
     if path:
         try:
@@ -276,7 +505,15 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, cls
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    data = _merge(data, parse_overrides(list(overrides or [])))
+    cli = parse_overrides(list(overrides or []))
+    if cls is Config:
+        data, file_keys, file_trl = translate_trl_names(data, f"config file {path}")
+        cli, cli_keys, cli_trl = translate_trl_names(cli, "the command line")
+        epsilon_given = "epsilon" in file_trl | cli_trl
+    data = _merge(data, cli)
+    if cls is Config and epsilon_given and "algo.eps_high" not in file_keys | cli_keys:
+        # TRL: epsilon_high defaults to epsilon. Here too, unless algo.eps_high is given (under either name).
+        _set(data, "algo.eps_high", data["algo"]["eps_low"])
     cfg = from_dict(cls, data)
     return cfg.validate() if hasattr(cfg, "validate") else cfg
 

@@ -70,22 +70,29 @@ def load_rows(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     name = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            rows = []
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{name} line {lineno}: invalid JSON: {e}") from e
-        else:
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{name}: invalid JSON: {e}") from e
-            if not isinstance(rows, list):
-                raise DataError(f"{name}: expected a JSON list of rows, got {type(rows).__name__}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: not UTF-8 text: byte {raw[e.start]:#04x} at byte offset {e.start} (line {line}) "
+                        f"cannot be decoded ({e.reason}); re-encode the file as UTF-8") from None
+    if path.endswith(".jsonl"):
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{name} line {lineno}: invalid JSON: {e}") from e
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}: invalid JSON: {e}") from e
+        if not isinstance(rows, list):
+            raise DataError(f"{name}: expected a JSON list of rows, got {type(rows).__name__}")
     if not rows:
         raise DataError(f"{name}: no rows")
     return [validate_row(row, f"{name} row {i}") for i, row in enumerate(rows)]

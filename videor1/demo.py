@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     paths = build_assets(out, args.n_train, args.n_heldout, data_seed=args.data_seed)
     data_cfg = load_config(args.rl_config).data
-    common = ["--data.train_file", paths["train"], "--train.seed", str(args.seed), "--train.resume_from", "auto"]
+    # Continue an interrupted stage from its last checkpoint, or restart it over its own outputs.
+    common = ["--data.train_file", paths["train"], "--train.seed", str(args.seed), "--train.resume_from", "auto",
+              "--train.overwrite_output_dir", "true"]
 
     # Before SFT: the fresh model has never seen the <think>/<answer> format, so it scores ~0.
     base_dir = os.path.join(out, "base_eval")

@@ -257,8 +257,18 @@ def load_deepspeed_config(cfg: Config, micro_batches_per_step: int) -> dict:
     path = cfg.train.deepspeed_config
     if not os.path.isfile(path):
         raise FileNotFoundError(f"train.deepspeed_config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        ds = json.load(f)
+    from videor1.config import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed_config {path} is not valid JSON: {e.msg} at line {e.lineno} column "
+                          f"{e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"train.deepspeed_config {path} is not UTF-8 text (byte offset {e.start})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed_config {path} must hold a JSON object, got {type(ds).__name__}")
     fills = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": micro_batches_per_step,

@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSONL line per step, TensorBoard when enabled, a summary table and a PNG."""
+"""Per-step metrics: one JSONL line per step, TensorBoard or Weights & Biases (train.report_to), a
+sample of completions (completions.jsonl), a summary table and a PNG."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from contextlib import contextmanager
 
 import torch
+
+from videor1.config import ConfigError
 
 
 class StepTimer:
@@ -38,27 +41,88 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
 
 
-class MetricsLogger:
-    """Rank 0 writes metrics.jsonl (appending on resume) and, optionally, TensorBoard events."""
+REPORT_TO = ("none", "tensorboard", "wandb")
 
-    def __init__(self, output_dir: str, tensorboard: bool, enabled: bool, resume_step: int = 0):
+
+def check_report_to(report_to: str) -> None:
+    """Fail at startup, before any model loads, when train.report_to names a tracker that is not
+    installed (neither is a dependency of videor1)."""
+    if report_to not in REPORT_TO:
+        raise ConfigError(f"train.report_to must be one of {list(REPORT_TO)}, got {report_to!r}")
+    try:
+        if report_to == "wandb":
+            import wandb  # noqa: F401
+        elif report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as e:
+        package = "wandb" if report_to == "wandb" else "tensorboard"
+        raise ConfigError(f"train.report_to={report_to} needs the {package} package, which is not installed "
+                          f"({e}): pip install {package}, or set train.report_to none") from None
+
+
+def _numeric(record: dict) -> dict:
+    return {k: v for k, v in record.items()
+            if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}
+
+
+def completions_markdown(sample: dict) -> str:
+    """A completions sample (train.completion_sample) as a markdown table, for TensorBoard's text tab."""
+    head = f"**problem {sample['problem_id']}** ({sample['data_type']}): {sample['problem']}\n\n"
+    rows = ["| # | completion | rewards | reward | advantage |", "|---|---|---|---|---|"]
+    for i, c in enumerate(sample["completions"]):
+        text = c["text"].replace("|", "\\|").replace("\n", "<br>")
+        rewards = ", ".join(f"{k}={v:.3g}" for k, v in c["rewards"].items())
+        rows.append(f"| {i} | {text} | {rewards} | {c['reward']:.4g} | {c['advantage']:.4g} |")
+    return head + "\n".join(rows)
+
+
+class MetricsLogger:
+    """Rank 0 writes metrics.jsonl (appending on resume) and reports to train.report_to: "none",
+    "tensorboard" (events in output_dir/tensorboard) or "wandb" (project $WANDB_PROJECT or "videor1",
+    files in output_dir, mode from $WANDB_MODE, e.g. offline). log_completions appends samples to
+    completions.jsonl (and to the tracker)."""
+
+    def __init__(self, output_dir: str, report_to: str, enabled: bool, resume_step: int = 0,
+                 run_config: dict | None = None):
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.completions_path = os.path.join(output_dir, "completions.jsonl")
         self.writer = None
+        self.wandb = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
         if resume_step and os.path.exists(self.path):  # drop lines after the resumed step
-            with open(self.path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                lines = [line for line in f if line.strip()]
+            kept = []
+            for i, line in enumerate(lines):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(lines) - 1:  # a write cut short by the crash: drop it
+                        import logging
+
+                        logging.getLogger("videor1").warning("%s: dropping a torn last line (%d bytes) on resume",
+                                                             self.path, len(line))
+                        continue
+                    raise ValueError(f"{self.path} line {i + 1} is not valid JSON: the metrics file is damaged") from None
+                if record["step"] <= resume_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
             with open(self.path, "w", encoding="utf-8") as f:
                 f.writelines(kept)
         elif os.path.exists(self.path):
             os.remove(self.path)
-        if tensorboard:
+        _keep_until(self.completions_path, resume_step)
+        if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        elif report_to == "wandb":
+            import wandb  # optional: check_report_to said at startup whether it is installed
+
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "videor1"), dir=output_dir,
+                                    config=run_config or {}, mode=os.environ.get("WANDB_MODE") or None)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -66,13 +130,54 @@ class MetricsLogger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self.writer.add_scalar(key, value, record["step"])
+            for key, value in _numeric(record).items():
+                self.writer.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(_numeric(record), step=record["step"])
+
+    def log_completions(self, sample: dict) -> None:
+        """Append one completions sample (train.completion_sample) to completions.jsonl; as text to
+        TensorBoard, as a table to wandb."""
+        if not self.enabled:
+            return
+        with open(self.completions_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(sample) + "\n")
+        if self.writer is not None:
+            self.writer.add_text("completions", completions_markdown(sample), sample["step"])
+        if self.wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["problem_id", "problem", "completion", "reward", "advantage"],
+                                data=[[str(sample["problem_id"]), sample["problem"], c["text"], c["reward"], c["advantage"]]
+                                      for c in sample["completions"]])
+            self.wandb.log({"completions": table}, step=sample["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _keep_until(path: str, step: int) -> None:
+    """A JSONL file of {"step": ...} lines kept up to `step` (resume; a line torn by a crash is
+    dropped: the file is a sample, not a record), or removed (a fresh run, step 0)."""
+    if not os.path.exists(path):
+        return
+    if not step:
+        os.remove(path)
+        return
+
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return math.inf
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        kept = [line if line.endswith("\n") else line + "\n" for line in f if line.strip() and step_of(line) <= step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -121,6 +121,14 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.T
     return (torch.arange(length, device=completion_ids.device)[None] <= first[:, None]).long()
 
 
+def truncated_completions(completion_ids: torch.Tensor, mask: torch.Tensor, eos_ids: list[int],
+                          max_completion_length: int) -> torch.Tensor:
+    """bool [B]: completions that reached max_completion_length without an EOS (TRL's clipped
+    completions; mask_truncated_completions drops them from the loss). completion_ids / mask [B, C]."""
+    has_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device)).any(1)
+    return ~has_eos & (mask.sum(1) >= max_completion_length)
+
+
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 

@@ -27,9 +27,10 @@ import torch
 
 from videor1 import distributed as D
 from videor1 import session
-from videor1.config import Config, parse_cli
+from videor1.config import Config, parse_cli, to_dict
 from videor1.data import load_rows
-from videor1.metrics import MetricsLogger, StepTimer, peak_memory_gb, plot_curves, read_metrics, summary_table
+from videor1.metrics import (MetricsLogger, StepTimer, check_report_to, peak_memory_gb, plot_curves, read_metrics,
+                             summary_table)
 from videor1.prompts import build_sft_target
 from videor1.rollout import Prompt
 from videor1.sampler import PromptSampler
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg: Config = parse_cli(sys.argv[1:] if argv is None else argv)
     session.check_paths(cfg)
+    check_report_to(cfg.train.report_to)
     rows = load_rows(cfg.data.train_file)
 
     D.init_distributed(cfg.train.dist_timeout_s)
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> str:
     stream = session.PromptStream(cfg, rows, processor, sampler, torch.Generator(), shuffled=False)
     stateful = {"stream": stream}
     start_step = session.resume(cfg, model, stateful, generators)
-    logger = MetricsLogger(cfg.train.output_dir, cfg.train.tensorboard, main_rank, resume_step=start_step)
+    logger = MetricsLogger(cfg.train.output_dir, cfg.train.report_to, main_rank, resume_step=start_step,
+                           run_config=to_dict(cfg))
     session.write_run_config(cfg)
     if main_rank:
         log.info("CoT SFT: %d steps, %d ranks x %d x %d samples/step, loss on %s, engine=%s, device=%s", total_steps,
@@ -127,20 +130,25 @@ def main(argv: list[str] | None = None) -> str:
         with timer("optimizer"):
             result = model.step()
         step_time = time.perf_counter() - t0
-        sums = D.all_reduce_sum([loss_sum, tokens, stream.attempted, stream.skipped])
+        sums = D.all_reduce_sum([loss_sum, tokens, stream.attempted, stream.skipped, stream.too_long])
         record = {"step": step + 1, "loss": float(sums[0]) / world, "grad_norm": result.grad_norm, "lr": result.lr,
                   "step_skipped": not result.applied, "samples_skipped": int(sums[3]),
+                  "samples_too_long": int(sums[4]),
                   **{f"time/{k}": v for k, v in timer.times.items()}, "time/step": step_time,
                   "tokens_per_s": float(sums[1]) / step_time, "peak_mem_gb": float(D.all_reduce_max([peak_memory_gb()])[0])}
         if not result.applied and main_rank:
             log.warning("step %d: non-finite gradient (norm %s); update skipped", step + 1, result.grad_norm)
         stream.check_rate(int(sums[3]), int(sums[2]))
         logger.log(record)
+        if main_rank and ((step + 1) % cfg.train.logging_steps == 0 or step + 1 == total_steps):
+            log.info("step %d/%d: loss %.5f grad_norm %.4g step %.2fs", step + 1, total_steps, record["loss"],
+                     result.grad_norm, step_time)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         if cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0 and step + 1 < total_steps:
-            session.checkpoint(cfg, step + 1, model, stateful, generators)
+            session.checkpoint(cfg, step + 1, model, stateful, generators,
+                               hf_writer=session.hf_writer(model, processor) if cfg.train.save_hf_checkpoints else None)
 
     final_dir = os.path.join(cfg.train.output_dir, "final")
     session.save_final(model, processor, final_dir)

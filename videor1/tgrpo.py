@@ -5,7 +5,9 @@ Per prompt group: G rollouts on ordered frames and Gs on shuffled frames (videos
     if p >= mu * p~: every ordered rollout with accuracy > 0.1 gets +alpha   (temporal bonus)
     +length_bonus to ordered rollouts of length_min..length_max tokens, when more than one ordered
      rollout of the group has accuracy > 0.1                                  (length bonus)
-    advantage = (r - mean_G(r)) / (std_G(r) + 1e-4), std unbiased             (group-normalised)
+    r = sum_i w_i * reward_i + bonuses                                        (reward_weights)
+    advantage = (r - mean_G(r)) / (std + 1e-4), std unbiased: the group's ("group", Video-R1),
+                the whole step's ("batch", TRL), or no division ("none", Dr. GRPO)
 Shuffled rollouts only decide the bonus; they never enter the loss. Unlike Video-R1's trainer,
 which pools accuracies over a whole device batch, every rule here is computed per prompt group.
 """
@@ -55,22 +57,60 @@ def length_bonus(
     return torch.where(correct & in_range, bonus, 0.0).to(accuracy.dtype)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """Group-normalised advantages.
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", batch_std: float | None = None,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages, (r - mean of the group) / (std + eps), with TRL's scale_rewards.
 
     Args:
         rewards: float [N * group_size], rollouts of one group contiguous.
-        scale: divide by (unbiased std of the group + eps) as GRPO/Video-R1; False = Dr. GRPO (r - mean).
+        scale: "group" divides by the unbiased std of each group (GRPO, Video-R1); "batch" by
+            `batch_std`, the unbiased std of every reward of the step on every rank (TRL's "batch";
+            the caller computes it across ranks, see batch_reward_std); "none" leaves r - mean
+            unscaled (Dr. GRPO). True / False are read as "group" / "none".
+        batch_std: required with scale="batch".
     Returns: float [N * group_size].
     """
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} items, got {tuple(rewards.shape)}")
+    scale = {True: "group", False: "none"}.get(scale, scale)
     grouped = rewards.view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale:
+    if scale == "group":
         std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
         centred = centred / (std + eps)
+    elif scale == "batch":
+        if batch_std is None:
+            raise ValueError("scale='batch' needs batch_std (the std of every reward of the step)")
+        centred = centred / (batch_std + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
     return centred.reshape(-1)
+
+
+def batch_reward_std(total: float, total_sq: float, count: float) -> float:
+    """Unbiased std of a set of rewards from its sums (sum r, sum r^2, n), as gathered over ranks:
+    TRL's scale_rewards="batch" divides by rewards.std() of the whole gathered step. 0 when n < 2."""
+    if count < 2:
+        return 0.0
+    var = (total_sq - total * total / count) / (count - 1)
+    return max(var, 0.0) ** 0.5
+
+
+def group_stats(total: torch.Tensor, accuracy: torch.Tensor) -> dict[str, float]:
+    """Per-group quantities TRL users read, for one group's ordered rollouts.
+
+    Args:
+        total: float [G] total reward; accuracy: float [G] accuracy reward.
+    Returns: {"reward_std": unbiased std of total (0 when G == 1), "zero_std": 1.0 when every total is
+    equal, "all_correct" / "all_wrong": 1.0 when every / no rollout has accuracy > 0.1}.
+    """
+    correct = accuracy > 0.1
+    return {
+        "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
+        "zero_std": float(bool(total.max() == total.min())),
+        "all_correct": float(bool(correct.all())),
+        "all_wrong": float(not bool(correct.any())),
+    }
 
 
 def shuffle_permutation(num_frames: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -96,6 +136,7 @@ def group_rewards(
     length_bonus_value: float = 0.2,
     length_min: int = 320,
     length_max: int = 512,
+    weights: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | bool]]:
     """Total reward of each ordered rollout of one prompt group, as Video-R1 sums it.
 
@@ -104,12 +145,16 @@ def group_rewards(
         lengths: int [G] completion lengths.
         shuffled_accuracy: float [Gs] accuracy of the shuffled rollouts, or None (images, or no
             temporal rollouts): then no temporal bonus.
+        weights: reward name -> weight (TRL's reward_weights; missing names weigh 1.0). The total is
+            sum_i w_i * reward_i + temporal bonus + length bonus: the bonuses are added unweighted, as
+            Video-R1 adds them.
     Returns:
         (total float [G], parts) with parts["temporal_bonus"] [G], parts["length_bonus"] [G] and
         parts["temporal_applied"] (bool, or None when no rule was evaluated).
     """
     acc = ordered["accuracy"]
-    total = sum(ordered.values())
+    weights = weights or {}
+    total = sum(weights.get(name, 1.0) * value for name, value in ordered.items())
     applied = None
     t_bonus = torch.zeros_like(acc)
     if temporal and shuffled_accuracy is not None:

@@ -28,18 +28,20 @@ import torch
 
 from videor1 import distributed as D
 from videor1 import session
-from videor1.config import Config, ConfigError, parse_cli
+from videor1.config import Config, ConfigError, parse_cli, to_dict
 from videor1.data import load_rows
-from videor1.metrics import MetricsLogger, StepTimer, peak_memory_gb, plot_curves, read_metrics, summary_table
+from videor1.metrics import (MetricsLogger, StepTimer, check_report_to, peak_memory_gb, plot_curves, read_metrics,
+                             summary_table)
 from videor1.rewards import get_reward
-from videor1.rollout import Prompt, decode, generate, training_inputs, vision_token_ids
+from videor1.rollout import Prompt, decode, generate, training_inputs, truncated_completions, vision_token_ids
 from videor1.sampler import PromptSampler
-from videor1.tgrpo import group_advantages, group_rewards
+from videor1.tgrpo import batch_reward_std, group_advantages, group_rewards, group_stats
 
 log = logging.getLogger("videor1.train")
 
 SUMMARY_KEYS = ["loss", "reward", "reward/accuracy", "reward/format", "acc/ordered", "acc/shuffled",
-                "temporal_bonus_rate", "kl", "clip_ratio", "completion_length", "grad_norm"]
+                "temporal_bonus_rate", "kl", "clip_ratio", "completion_length", "grad_norm", "reward_std",
+                "frac_reward_zero_std", "clipped_ratio"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,7 +51,10 @@ SUMMARY_KEYS = ["loss", "reward", "reward/accuracy", "reward/format", "acc/order
 def check_config(cfg: Config) -> None:
     session.check_paths(cfg)
     for module in cfg.algo.reward_modules:
-        importlib.import_module(module)  # lets user modules @register_reward before names are checked
+        try:
+            importlib.import_module(module)  # lets user modules @register_reward before names are checked
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"algo.reward_modules: cannot import {module!r} ({e}); is it on PYTHONPATH?") from None
     if "accuracy" not in cfg.algo.rewards:
         raise ConfigError("algo.rewards must include 'accuracy' (the temporal and length rules read it)")
     for name in cfg.algo.rewards:
@@ -57,6 +62,9 @@ def check_config(cfg: Config) -> None:
             get_reward(name)
         except KeyError as e:
             raise ConfigError(f"algo.rewards: {e.args[0]}") from None
+    if cfg.algo.reward_weights and len(cfg.algo.reward_weights) != len(cfg.algo.rewards):
+        raise ConfigError(f"algo.reward_weights has {len(cfg.algo.reward_weights)} entries but algo.rewards has "
+                          f"{len(cfg.algo.rewards)} ({cfg.algo.rewards}): give one weight per reward, or none")
 
 
 class SafeRewards:
@@ -101,9 +109,12 @@ class SafeRewards:
 class Group:
     """One prompt's rollouts: G ordered completions (these train) plus the shuffled ones' accuracy.
 
-    Device tensors (the model's device): the prompt, completion_ids [G, C], mask [G, C], and the
-    reference / old log-probs [G, C]. CPU tensors (rewards are CPU work): lengths [G], rewards,
-    total [G], advantages [G], shuffled_accuracy [Gs].
+    Device tensors (the model's device): the prompt, completion_ids [G, C], mask [G, C] (attention:
+    up to and including the first EOS), loss_mask [G, C] (mask, with truncated completions zeroed
+    under algo.mask_truncated_completions), and the reference / old log-probs [G, C]. CPU tensors
+    (rewards are CPU work): lengths [G], loss_lengths [G] (tokens in the loss), truncated bool [G]
+    (reached max_completion_length without EOS), rewards, total [G], advantages [G],
+    shuffled_accuracy [Gs]; texts: the G decoded completions.
     """
 
     prompt: Prompt
@@ -117,6 +128,18 @@ class Group:
     temporal_applied: bool | None = None
     ref_logprobs: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
+    texts: list[str] | None = None
+    truncated: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    loss_lengths: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.truncated is None:
+            self.truncated = torch.zeros(self.lengths.shape, dtype=torch.bool)
+        if self.loss_mask is None:
+            self.loss_mask = self.mask
+        if self.loss_lengths is None:
+            self.loss_lengths = self.lengths
 
 
 @dataclasses.dataclass
@@ -157,16 +180,18 @@ def loss_scale(cfg: Config, group: Group, groups: list[Group], global_tokens: fl
     if kind in ("grpo", "dr_grpo"):
         return 1.0 / len(groups), {}
     if kind == "bnpo":
-        return float(group.lengths.sum()) / float(sum(g.lengths.sum() for g in groups)), {}
+        return float(group.loss_lengths.sum()) / max(1.0, float(sum(g.loss_lengths.sum() for g in groups))), {}
     # dapo: normalise by the global token count; ranks' gradients are averaged, hence * world size
-    return 1.0, {"num_items": global_tokens / D.world_size()}
+    return 1.0, {"num_items": max(1.0, global_tokens) / D.world_size()}
 
 
 def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> list[Group]:
     """G rollouts per prompt on ordered frames (+ Gs on shuffled frames for videos), scored.
 
     Each prompt crosses to the model's device once (Prompt.to); completions stay there for
-    training, and one CPU copy of them feeds the rewards."""
+    training, and one CPU copy of them feeds the rewards. Completions that hit max_completion_length
+    without an EOS are marked truncated; under algo.mask_truncated_completions their loss mask is
+    all zero (TRL: they are still scored and still count in their group's advantages)."""
     cfg, G, Gs = ctx.cfg, ctx.cfg.rollout.num_generations, ctx.num_shuffled
     groups: list[Group] = []
     with timer("rollout"), ctx.policy.full_weights() as model:
@@ -175,7 +200,13 @@ def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> 
             ids, mask = generate(model, p, p.vision, G, cfg.rollout, ctx.eos_ids, ctx.pad_id,
                                  suppress_ids=ctx.suppress_ids)
             ids_cpu, mask_cpu = ids.cpu(), mask.cpu()
-            g = Group(p, ids, mask, mask_cpu.sum(1), ctx.rewards(decode(ctx.tokenizer, ids_cpu, mask_cpu), p.row))
+            texts = decode(ctx.tokenizer, ids_cpu, mask_cpu)
+            g = Group(p, ids, mask, mask_cpu.sum(1), ctx.rewards(texts, p.row), texts=texts,
+                      truncated=truncated_completions(ids_cpu, mask_cpu, ctx.eos_ids, cfg.rollout.max_completion_length))
+            if cfg.algo.mask_truncated_completions:
+                keep = ~g.truncated
+                g.loss_mask = mask * keep.to(ctx.policy.device)[:, None]
+                g.loss_lengths = g.lengths * keep
             if cfg.algo.temporal and p.shuffled_vision is not None and Gs > 0:
                 s_ids, s_mask = generate(model, p, p.shuffled_vision, Gs, cfg.rollout, ctx.eos_ids, ctx.pad_id,
                                          suppress_ids=ctx.suppress_ids)
@@ -186,15 +217,24 @@ def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> 
 
 
 def score_groups(cfg: Config, groups: list[Group]) -> None:
-    """Rewards -> temporal bonus per prompt group -> group-normalised advantages (CPU, pure functions)."""
+    """Weighted rewards -> temporal bonus per prompt group -> group-relative advantages (CPU, pure
+    functions). scale_rewards="batch" divides by the std of every reward of the step on every rank:
+    a collective (sum, sum of squares and count summed over ranks)."""
     a = cfg.algo
+    weights = dict(zip(a.rewards, a.reward_weights))  # empty: every reward weighs 1.0
     for g in groups:
         g.total, parts = group_rewards(
             g.rewards, g.lengths, g.shuffled_accuracy, temporal=a.temporal, alpha=a.alpha, mu=a.mu,
-            length_bonus_value=a.length_bonus, length_min=a.length_min, length_max=a.length_max)
+            length_bonus_value=a.length_bonus, length_min=a.length_min, length_max=a.length_max, weights=weights)
         g.temporal_applied = parts["temporal_applied"]
         g.rewards = dict(g.rewards, length_bonus=parts["length_bonus"], temporal_bonus=parts["temporal_bonus"])
-        g.advantages = group_advantages(g.total, cfg.rollout.num_generations, scale=a.scale_rewards)
+    batch_std = None
+    if a.scale_rewards == "batch":
+        totals = torch.cat([g.total for g in groups]).double()
+        sums = D.all_reduce_sum([float(totals.sum()), float((totals * totals).sum()), float(totals.numel())])
+        batch_std = batch_reward_std(*sums.tolist())
+    for g in groups:
+        g.advantages = group_advantages(g.total, cfg.rollout.num_generations, scale=a.scale_rewards, batch_std=batch_std)
 
 
 def reference_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> None:
@@ -227,7 +267,7 @@ def policy_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> Pol
     loss_kwargs = dict(beta=cfg.algo.beta, eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high,
                        loss_type=cfg.algo.loss_type, importance_level=cfg.algo.importance_level,
                        kl_clamp=cfg.algo.kl_clamp, max_completion_length=cfg.rollout.max_completion_length)
-    global_tokens = float(D.all_reduce_sum([float(sum(g.lengths.sum() for g in groups))])[0])
+    global_tokens = float(D.all_reduce_sum([float(sum(g.loss_lengths.sum() for g in groups))])[0])
     stats = PolicyStats()
     for _ in range(cfg.algo.num_iterations):
         with timer("policy"):
@@ -235,11 +275,11 @@ def policy_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> Pol
                 scale, extra = loss_scale(cfg, g, groups, global_tokens)
                 inputs = training_inputs(g.prompt, g.completion_ids, g.mask)
                 loss, m = ctx.policy(inputs, g.prompt.input_ids.numel(), g.completion_ids, mode="loss",
-                                     advantages=g.advantages.to(ctx.policy.device), completion_mask=g.mask,
+                                     advantages=g.advantages.to(ctx.policy.device), completion_mask=g.loss_mask,
                                      loss_kwargs=dict(loss_kwargs, old_logprobs=g.old_logprobs,
                                                       ref_logprobs=g.ref_logprobs, **extra))
                 ctx.policy.backward(loss * scale)
-                n = float(g.lengths.sum())
+                n = float(g.loss_lengths.sum())
                 stats.loss += float(loss.detach()) * scale / cfg.algo.num_iterations
                 stats.kl_tokens += float(m["kl"]) * n
                 stats.clip_tokens += float(m["clip_ratio"]) * n
@@ -258,11 +298,18 @@ def tgrpo_step(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> tup
 
 
 def step_record(step: int, groups: list[Group], stats: PolicyStats, timer: StepTimer, step_time: float,
-                reward_errors: int, attempted: int, skipped: int) -> dict:
+                reward_errors: int, attempted: int, skipped: int, too_long: int = 0) -> dict:
     """The step's metrics over all ranks (collective): sums summed; means over every rollout (or
-    every completion token, for kl and clip_ratio) of every rank; peak memory the largest rank's."""
+    every completion token, for kl and clip_ratio) of every rank; peak memory the largest rank's.
+
+    The names TRL users read, over every prompt group of every rank: reward_std (mean of each group's
+    std of the total reward), frac_reward_zero_std (groups whose rewards are all equal: no signal),
+    frac_all_correct / frac_all_wrong (groups where every / no ordered rollout has accuracy > 0.1),
+    clipped_ratio (ordered completions that hit max_completion_length without an EOS)."""
     cat = lambda key: torch.cat([g.rewards[key] for g in groups])  # noqa: E731
     video = [g for g in groups if g.shuffled_accuracy is not None]
+    per_group = [group_stats(g.total, g.rewards["accuracy"]) for g in groups]
+    group_sum = lambda key: float(sum(s[key] for s in per_group))  # noqa: E731
     sums = {
         "loss": stats.loss,
         "reward": float(torch.cat([g.total for g in groups]).sum()),
@@ -274,7 +321,10 @@ def step_record(step: int, groups: list[Group], stats: PolicyStats, timer: StepT
         "n_shuffled": float(sum(g.shuffled_accuracy.numel() for g in video)),
         "fired": float(sum(bool(g.temporal_applied) for g in video)),
         "seq_tokens": float(sum(g.lengths.sum() + g.lengths.numel() * g.prompt.input_ids.numel() for g in groups)),
-        "reward_errors": reward_errors, "attempted": attempted, "skipped": skipped,
+        "reward_errors": reward_errors, "attempted": attempted, "skipped": skipped, "too_long": too_long,
+        "n_groups": float(len(groups)), "reward_std": group_sum("reward_std"), "zero_std": group_sum("zero_std"),
+        "all_correct": group_sum("all_correct"), "all_wrong": group_sum("all_wrong"),
+        "clipped": float(sum(g.truncated.sum() for g in groups)),
     }
     total = dict(zip(sums, (float(v) for v in D.all_reduce_sum(list(sums.values())))))
     world = D.world_size()
@@ -284,6 +334,10 @@ def step_record(step: int, groups: list[Group], stats: PolicyStats, timer: StepT
               "acc/ordered": total["reward/accuracy"] / n,
               "kl": total["kl"] / tokens, "clip_ratio": total["clip_ratio"] / tokens,
               "completion_length": total["completion_length"] / n}
+    n_groups = max(1.0, total["n_groups"])
+    record.update({"reward_std": total["reward_std"] / n_groups, "frac_reward_zero_std": total["zero_std"] / n_groups,
+                   "frac_all_correct": total["all_correct"] / n_groups, "frac_all_wrong": total["all_wrong"] / n_groups,
+                   "clipped_ratio": total["clipped"] / n})
     if total["n_video"]:
         record["acc/shuffled"] = total["shuffled_acc"] / total["n_shuffled"]
         record["temporal_bonus_rate"] = total["fired"] / total["n_video"]
@@ -291,17 +345,35 @@ def step_record(step: int, groups: list[Group], stats: PolicyStats, timer: StepT
     record.update({
         "grad_norm": last.grad_norm, "lr": last.lr, "step_skipped": not all(r.applied for r in stats.results),
         "reward_errors": int(total["reward_errors"]), "samples_skipped": int(total["skipped"]),
-        "samples_attempted": int(total["attempted"]),
+        "samples_attempted": int(total["attempted"]), "samples_too_long": int(total["too_long"]),
         **{f"time/{k}": v for k, v in timer.times.items()}, "time/step": step_time,
         "tokens_per_s": total["seq_tokens"] / step_time, "peak_mem_gb": float(D.all_reduce_max([peak_memory_gb()])[0]),
     })
     return record
 
 
+def summary_line(record: dict, total_steps: int) -> str:
+    """The console line printed every train.logging_steps steps."""
+    return (f"step {record['step']}/{total_steps}: reward {record['reward']:.4f} acc {record['acc/ordered']:.3f} "
+            f"kl {record['kl']:.5f} loss {record['loss']:.5f} step {record['time/step']:.2f}s")
+
+
+def completion_sample(step: int, group: Group, limit: int = 4) -> dict:
+    """A readable sample of one scored prompt group (train.log_completions): the problem and at most
+    `limit` ordered completions with each reward, the total and the advantage."""
+    row = group.prompt.row
+    return {"step": step, "problem_id": row.get("problem_id"), "problem": row.get("problem"),
+            "data_type": row.get("data_type"),
+            "completions": [{"text": text, "rewards": {k: float(v[i]) for k, v in group.rewards.items()},
+                             "reward": float(group.total[i]), "advantage": float(group.advantages[i])}
+                            for i, text in enumerate((group.texts or [])[:limit])]}
+
+
 def main(argv: list[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_cli(sys.argv[1:] if argv is None else argv)
     check_config(cfg)
+    check_report_to(cfg.train.report_to)
     rows = load_rows(cfg.data.train_file)
 
     D.init_distributed(cfg.train.dist_timeout_s)
@@ -328,7 +400,8 @@ def main(argv: list[str] | None = None) -> str:
     stream = session.PromptStream(cfg, rows, processor, sampler, shuffle_gen, shuffled=cfg.algo.temporal)
     stateful = {"stream": stream, "rewards": rewards}
     start_step = session.resume(cfg, policy, stateful, generators)
-    logger = MetricsLogger(cfg.train.output_dir, cfg.train.tensorboard, main_rank, resume_step=start_step)
+    logger = MetricsLogger(cfg.train.output_dir, cfg.train.report_to, main_rank, resume_step=start_step,
+                           run_config=to_dict(cfg))
     session.write_run_config(cfg)
     if main_rank:
         log.info("T-GRPO: %d steps, %d ranks x %d prompts/step, G=%d ordered + %d shuffled rollouts, engine=%s, "
@@ -343,19 +416,24 @@ def main(argv: list[str] | None = None) -> str:
             prompts = stream.take(groups_per_step)
         groups, stats = tgrpo_step(ctx, prompts, timer)
         record = step_record(step + 1, groups, stats, timer, time.perf_counter() - t0, rewards.total_errors,
-                             stream.attempted, stream.skipped)
+                             stream.attempted, stream.skipped, stream.too_long)
         if record["step_skipped"] and main_rank:
             log.warning("step %d: non-finite gradient (norm %s); update skipped", step + 1, record["grad_norm"])
         stream.check_rate(record["samples_skipped"], record["samples_attempted"])
-        logger.log(record)
+        logger.log(record)  # every step; the console line and the completions sample every logging_steps
+        if main_rank and ((step + 1) % cfg.train.logging_steps == 0 or step + 1 == total_steps):
+            log.info(summary_line(record, total_steps))
+            if cfg.train.log_completions:
+                logger.log_completions(completion_sample(step + 1, groups[0]))
         if progress is not None:
             progress.update(1)
             progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['acc/ordered']:.2f}",
                                  kl=f"{record['kl']:.4f}", refresh=False)
 
-        # Checkpoint (atomic: written to a temp dir, then renamed).
+        # Checkpoint (atomic: written to a temp dir, then renamed), with an HF copy in checkpoint-N/hf.
         if cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0 and step + 1 < total_steps:
-            session.checkpoint(cfg, step + 1, policy, stateful, generators)
+            session.checkpoint(cfg, step + 1, policy, stateful, generators,
+                               hf_writer=session.hf_writer(policy, processor) if cfg.train.save_hf_checkpoints else None)
 
     # Final model in HF format (from_pretrained loads it), then the summary and the plot.
     final_dir = os.path.join(cfg.train.output_dir, "final")
