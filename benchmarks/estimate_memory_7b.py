@@ -45,8 +45,11 @@ def param_count(m: dict) -> tuple[float, float]:
 def estimate(cfg, gpus: int, m: dict = QWEN25VL_7B, prompt_text_tokens: int = 250) -> dict:
     text_p, vis_p = param_count(m)
     n = text_p + vis_p
-    h, w = smart_resize(720, 1280, factor=28, min_pixels=cfg.data.video_min_pixels, max_pixels=cfg.data.video_max_pixels)
     frames = cfg.data.max_frames
+    from videor1.rollout import video_pixel_bounds
+
+    lo, hi = video_pixel_bounds(cfg.data, frames)  # data.video_pixels' rule (qwen-vl-utils' or fixed)
+    h, w = smart_resize(720, 1280, factor=28, min_pixels=lo, max_pixels=hi)
     video_tokens = (frames // 2) * (h // 28) * (w // 28)
     C = cfg.rollout.max_completion_length
     seq = prompt_text_tokens + video_tokens + C

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from videor1.config import Config, ConfigError, load_config, parse_cli, to_dict
@@ -9,6 +11,50 @@ def test_defaults_are_video_r1_settings():
     assert (cfg.algo.alpha, cfg.algo.mu, cfg.algo.beta, cfg.algo.kl_clamp) == (0.3, 0.8, 0.04, 10.0)
     assert cfg.data.video_max_pixels == 128 * 28 * 28 and cfg.data.max_frames == 16
     assert cfg.optim.max_grad_norm == 5.0
+    # Video-R1's data path (its vendored qwen-vl-utils) and its GRPO scripts' optimiser
+    d = cfg.data
+    assert (d.video_pixels, d.video_min_pixels, d.video_total_pixels) == ("qwen_vl_utils", 100352, 90316800)
+    assert (d.image_min_pixels, d.image_max_pixels) == (4 * 28 * 28, 256 * 28 * 28)
+    assert d.second_per_grid_ts == "fps"  # ours on purpose (README); "one" is Video-R1's effective value
+    assert cfg.optim.weight_decay == 0.01
+    assert cfg.algo.video_r1_compat_rewards is False
+
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+
+
+def test_7b_configs_match_video_r1_scripts():
+    for name in ("qwen25vl_7b_tgrpo_8gpu.yaml", "qwen25vl_7b_sft_8gpu.yaml"):
+        cfg = load_config(os.path.join(REPO_CONFIGS, name))
+        d = cfg.data
+        assert (d.video_pixels, d.video_min_pixels, d.video_max_pixels, d.video_total_pixels) == (
+            "qwen_vl_utils", 128 * 28 * 28, 128 * 28 * 28, int(128000 * 28 * 28 * 0.9)), name
+        assert (d.image_min_pixels, d.image_max_pixels) == (3136, 200704), name
+        assert (d.fps, d.max_frames) == (2.0, 16), name
+    grpo = load_config(os.path.join(REPO_CONFIGS, "qwen25vl_7b_tgrpo_8gpu.yaml"))
+    assert (grpo.optim.lr, grpo.optim.weight_decay, grpo.optim.scheduler) == (1e-6, 0.01, "cosine")  # run_grpo_video.sh
+    sft = load_config(os.path.join(REPO_CONFIGS, "qwen25vl_7b_sft_8gpu.yaml"))
+    # run_sft_video.sh passes neither: TrainingArguments' defaults, linear and 0.0
+    assert (sft.optim.lr, sft.optim.weight_decay, sft.optim.scheduler, sft.optim.grad_accum) == (1e-6, 0.0, "linear", 2)
+
+
+def test_tiny_demo_configs_keep_their_fixed_sizes_and_no_weight_decay():
+    from videor1.rollout import video_pixel_bounds
+    from videor1.vision import smart_resize
+
+    for name in ("tiny_cpu.yaml", "tiny_sft_cpu.yaml"):
+        cfg = load_config(os.path.join(REPO_CONFIGS, name))
+        assert cfg.data.video_pixels == "fixed" and cfg.optim.weight_decay == 0.0, name
+        lo, hi = video_pixel_bounds(cfg.data, 8)
+        assert (lo, hi) == (3136, 12544) and smart_resize(64, 64, 28, lo, hi) == (56, 56), name
+
+
+def test_new_choices_are_checked():
+    for key, good, bad in (("data.video_pixels", "fixed", "auto"), ("data.second_per_grid_ts", "one", "1.0"),
+                           ("sft.loss_on", "video_r1", "vision")):
+        assert load_config(None, [f"--{key}", good]) is not None
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, [f"--{key}", bad])
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -27,7 +27,9 @@ def test_score_follows_video_r1_eval_rules():
     assert score("B", mc) == 1.0  # no tags: the whole output is the answer
     assert score("<answer>C</answer>", mc) == 0.0
     reg = {"problem_type": "regression", "solution": "<answer>2.0</answer>"}
-    assert score("<answer>2.2</answer>", reg) == pytest.approx(0.9)
+    # relative error 0.1 sits on the 0.90 threshold: in float32, as Video-R1 computes MRA, 0.2f / 2 is
+    # 0.100000024, not below 1 - 0.9f = 0.100000024, so 8 of 10 thresholds (float64 would say 9)
+    assert score("<answer>2.2</answer>", reg) == pytest.approx(0.8)
     assert score("<answer>fast</answer>", reg) == 0.0
     num = {"problem_type": "numerical", "solution": "<answer>3</answer>"}
     assert score("<answer>3</answer>", num) == 1.0 and score("<answer>3.0</answer>", num) == 0.0

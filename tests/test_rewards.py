@@ -6,7 +6,9 @@ import re
 import pytest
 from rouge_score import rouge_scorer
 
-from videor1.rewards import REWARDS, accuracy_reward, format_reward, get_reward, register_reward, word_error_rate
+from videor1 import rewards as rewards_mod
+from videor1.rewards import (REWARDS, accuracy_reward, format_reward, get_reward, register_reward, set_video_r1_compat,
+                             video_r1_compat, word_error_rate)
 
 
 def video_r1_accuracy(content: str, sol: str, question_type: str) -> float:
@@ -94,7 +96,6 @@ CASES = [
     (A("12"), A("10"), "regression", pytest.approx(0.8)),
     (A("100"), A("10"), "regression", 0.0),
     (A("x"), A("10"), "regression", 0.0),
-    (A("nan"), A("10"), "regression", 1.0),  # Video-R1's clamp order lets NaN through; kept
     (A("inf"), A("10"), "regression", 0.0),
     # unknown type
     (A("B"), A("B"), "essay", 0.0),
@@ -106,6 +107,73 @@ def test_accuracy_hand_checked_and_equal_to_video_r1(completion, solution, ptype
     got = accuracy_reward(completion, solution, ptype)
     assert got == pytest.approx(expected, abs=1e-8)
     assert got == pytest.approx(video_r1_accuracy(completion, solution, ptype), abs=1e-12)
+    assert accuracy_reward(completion, solution, ptype, video_r1_compat=True) == got  # finite inputs: the same
+
+
+NON_FINITE = ["nan", "NaN", "inf", "-inf", "Infinity", "1e999", "-1e999", "1" * 400]
+UNPARSABLE = ["", "seven", "1.2.3", "--1"]
+
+
+@pytest.mark.parametrize("answer", NON_FINITE + UNPARSABLE)
+@pytest.mark.parametrize("ptype", ["numerical", "regression"])
+def test_default_scores_non_finite_and_unparsable_numbers_zero(answer, ptype):
+    assert not video_r1_compat()  # the process-wide default
+    for gt in ("10", "7", "3.14", "1,000", answer):  # the answer against numbers, and against itself
+        assert accuracy_reward(A(answer), A(gt), ptype) == 0.0, (answer, gt)
+        assert accuracy_reward(A(gt), A(answer), ptype) == 0.0, (gt, answer)  # a bad solution scores 0 too
+    # ... also through the registry, as train.SafeRewards calls it
+    assert get_reward("accuracy")(A(answer), {"solution": A("10"), "problem_type": ptype}) == 0.0
+
+
+def test_the_exploit_is_real_in_video_r1_and_closed_by_default():
+    # Video-R1's regression clamp: min(1, max(0, nan)) = 0 error, reward 1.0, past its 0.1 gates.
+    assert video_r1_accuracy(A("nan"), A("10"), "regression") == 1.0
+    assert video_r1_accuracy(A("inf"), A("inf"), "numerical") == 1.0
+    assert accuracy_reward(A("nan"), A("10"), "regression") == 0.0
+    assert accuracy_reward(A("inf"), A("inf"), "numerical") == 0.0
+
+
+@pytest.mark.parametrize("answer", NON_FINITE + UNPARSABLE)
+@pytest.mark.parametrize("gt", ["10", "0", "-3.5", "inf", "nan", "1,000"])
+@pytest.mark.parametrize("ptype", ["numerical", "regression"])
+def test_compat_mode_reproduces_video_r1_exactly(answer, gt, ptype):
+    want = video_r1_accuracy(A(answer), A(gt), ptype)
+    assert accuracy_reward(A(answer), A(gt), ptype, video_r1_compat=True) == pytest.approx(want, abs=1e-12, nan_ok=False)
+    assert accuracy_reward(A(gt), A(answer), ptype, video_r1_compat=True) == pytest.approx(
+        video_r1_accuracy(A(gt), A(answer), ptype), abs=1e-12)
+
+
+def test_compat_mode_values_by_hand():
+    compat = dict(video_r1_compat=True)
+    assert accuracy_reward(A("nan"), A("10"), "regression", **compat) == 1.0
+    assert accuracy_reward(A("inf"), A("10"), "regression", **compat) == 0.0  # error inf clamps to 1
+    assert accuracy_reward(A("1e999"), A("10"), "regression", **compat) == 0.0
+    assert accuracy_reward(A("-inf"), A("10"), "regression", **compat) == 0.0
+    assert accuracy_reward(A(""), A("10"), "regression", **compat) == 0.0
+    assert accuracy_reward(A("inf"), A("inf"), "numerical", **compat) == 1.0
+    assert accuracy_reward(A("1e999"), A("inf"), "numerical", **compat) == 1.0
+    assert accuracy_reward(A("nan"), A("nan"), "numerical", **compat) == 0.0  # nan != nan
+
+
+def test_compat_switch_is_process_wide_and_set_from_the_config(tmp_path, monkeypatch):
+    from videor1 import session
+    from videor1.config import Config
+    from videor1.train import check_config
+
+    monkeypatch.setattr(rewards_mod, "_VIDEO_R1_COMPAT", False)  # restored after the test
+    monkeypatch.setattr(session, "check_paths", lambda cfg: None)  # no files needed for this check
+    row = {"solution": A("10"), "problem_type": "regression"}
+    cfg = Config()
+    cfg.algo.video_r1_compat_rewards = True
+    check_config(cfg)
+    assert video_r1_compat() and get_reward("accuracy")(A("nan"), row) == 1.0
+    cfg.algo.video_r1_compat_rewards = False
+    check_config(cfg)
+    assert not video_r1_compat() and get_reward("accuracy")(A("nan"), row) == 0.0
+    set_video_r1_compat(True)
+    assert accuracy_reward(A("nan"), A("10"), "regression", video_r1_compat=False) == 0.0  # explicit wins
+    with pytest.raises(TypeError):
+        set_video_r1_compat("yes")
 
 
 def test_accuracy_equals_video_r1_on_random_inputs():
@@ -118,8 +186,10 @@ def test_accuracy_equals_video_r1_on_random_inputs():
         gt = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 4)))
         wrap_out = A(out) if rng.random() < 0.9 else out
         ptype = rng.choice(types)
-        got = accuracy_reward(wrap_out, A(gt), ptype)
+        got = accuracy_reward(wrap_out, A(gt), ptype, video_r1_compat=True)
         assert got == pytest.approx(video_r1_accuracy(wrap_out, A(gt), ptype), abs=1e-12), (wrap_out, gt, ptype)
+        safe = accuracy_reward(wrap_out, A(gt), ptype)
+        assert safe == got or (safe == 0.0 and any(p in out + gt for p in ("nan", "inf"))), (wrap_out, gt, ptype)
 
 
 @pytest.mark.parametrize(

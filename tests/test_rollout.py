@@ -89,3 +89,54 @@ def test_vision_tokens_get_3d_mrope_positions_as_with_the_processor(setup):
         flat = model.model(**inputs).last_hidden_state[:, :-1]  # transformers' 1D fallback
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert (got - flat).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode, min_px, max_px, hw", [
+    ("qwen_vl_utils", 100352, 100352, (280, 364)),  # Video-R1: bounds [100352, 105369]
+    ("fixed", 100352, 100352, (252, 364)),
+    ("fixed", 3136, 12544, (84, 112)),
+    ("qwen_vl_utils", 3136, 12544, (84, 112)),  # max(min(12544, total / T * 2), 3292) = 12544
+])
+def test_video_pixel_modes_size_the_frames(setup, mode, min_px, max_px, hw):
+    import dataclasses
+    import math
+
+    from videor1.rollout import Media, build_prompt, video_pixel_bounds
+
+    _, processor, rows, data, _ = setup
+    data = dataclasses.replace(data, video_pixels=mode, video_min_pixels=min_px, video_max_pixels=max_px)
+    row = next(r for r in rows if r["data_type"] == "video")
+    frames = torch.randint(0, 256, (4, 480, 640, 3), dtype=torch.uint8)
+    prompt = build_prompt(row, Media(frames, 0.5), processor, data, shuffled=True,
+                          generator=torch.Generator().manual_seed(0))
+    h, w = hw
+    assert prompt.vision["video_grid_thw"].tolist() == [[2, h // 14, w // 14]]
+    assert prompt.shuffled_vision["video_grid_thw"].tolist() == [[2, h // 14, w // 14]]
+    pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert int((prompt.input_ids == pad).sum()) == 2 * (h // 28) * (w // 28)
+    lo, hi = video_pixel_bounds(data, 4)
+    if mode == "fixed":
+        assert (lo, hi) == (min_px, max_px)
+    else:  # the qwen-vl-utils formula, written out
+        assert (lo, hi) == (min_px, max(min(max_px, data.video_total_pixels / 4 * 2), math.floor(min_px * 1.05)))
+
+
+@pytest.mark.parametrize("mode, expected", [("fps", 0.5), ("one", 1.0)])
+def test_second_per_grid_ts_switch(setup, mode, expected):
+    import dataclasses
+
+    from videor1.rollout import Media, build_prompt, load_media
+
+    _, processor, rows, data, root = setup
+    data = dataclasses.replace(data, second_per_grid_ts=mode)
+    row = next(r for r in rows if r["data_type"] == "video")
+    frames = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    prompt = build_prompt(row, Media(frames, 0.5), processor, data, shuffled=True,
+                          generator=torch.Generator().manual_seed(0))
+    assert prompt.vision["second_per_grid_ts"].tolist() == [expected]
+    assert prompt.shuffled_vision["second_per_grid_ts"].tolist() == [expected]
+    # from a decoded file: "fps" is 2 / sample_fps of the sampling (8 fps read at 8 fps: 0.25 s), "one" 1.0
+    media = load_media(row, data, root)
+    got = build_prompt(row, media, processor, data, shuffled=False).vision["second_per_grid_ts"].item()
+    assert media.second_per_grid_t == pytest.approx(2 / 8.0, rel=1e-6)
+    assert got == pytest.approx(1.0 if mode == "one" else media.second_per_grid_t)

@@ -46,7 +46,7 @@ def test_assistant_only_labels_cover_exactly_the_assistant_turn(processor, video
     assert tok.decode(ids[:n_prompt]).endswith("<|im_start|>assistant\n")
 
 
-def test_video_r1_switch_trains_on_all_but_vision_placeholders(processor, video_prompt):
+def test_all_but_vision_trains_on_all_but_both_vision_placeholders(processor, video_prompt):
     tok = processor.tokenizer
     ex = sft_example(video_prompt, tok, "all_but_vision")
     ids, label = ex["input_ids"], ex["label_mask"]
@@ -55,6 +55,45 @@ def test_video_r1_switch_trains_on_all_but_vision_placeholders(processor, video_
     assert int((ids == video_pad).sum()) == int(grid.prod()) // 4
     assert torch.equal(label.bool(), ids != video_pad)
     assert tok.decode(ids[:3]).startswith("<|im_start|>system")  # the system prompt is trained on too
+
+
+def test_video_r1_mode_masks_exactly_what_video_r1_masks(processor, video_prompt, synth_data):
+    """Video-R1's sft_video.py collate_fn, transcribed: labels = input_ids; pad -> -100; then for a
+    processor that is not a Qwen2VLProcessor (Qwen2_5_VLProcessor is not) only processor.image_token."""
+    from transformers import Qwen2VLProcessor
+
+    tok = processor.tokenizer
+    assert not isinstance(processor, Qwen2VLProcessor)  # the branch Video-R1's Qwen2.5-VL runs take
+    visual_tokens = ([151652, 151653, 151656] if isinstance(processor, Qwen2VLProcessor)
+                     else [tok.convert_tokens_to_ids(processor.image_token)])
+    image_pad, video_pad = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>"))
+    assert visual_tokens == [image_pad]
+
+    with open(synth_data) as f:
+        image_row = next(r for r in json.load(f) if r["data_type"] == "image")
+    cfg = Config().data
+    cfg.image_min_pixels, cfg.image_max_pixels = 3136, 12544
+    image_prompt = prepare_prompt(image_row, processor, cfg, os.path.dirname(synth_data), shuffled=False)
+    for prompt in (video_prompt, image_prompt):
+        ex = sft_example(prompt, tok, "video_r1")
+        ids, label = ex["input_ids"], ex["label_mask"]
+        want = ids.clone()
+        want[want == tok.pad_token_id] = -100
+        for v in visual_tokens:
+            want[want == v] = -100
+        assert torch.equal(label.bool(), want != -100)
+    # Hand check on the video: every token is labelled, <|video_pad|> and the vision delimiters included.
+    ex = sft_example(video_prompt, tok, "video_r1")
+    assert bool(ex["label_mask"].all())
+    assert int((ex["input_ids"] == video_pad).sum()) > 0
+    for t in ("<|vision_start|>", "<|vision_end|>"):
+        assert int((ex["input_ids"] == tok.convert_tokens_to_ids(t)).sum()) == 1
+    # ... and on the image: exactly the <|image_pad|> run is masked.
+    ex = sft_example(image_prompt, tok, "video_r1")
+    grid = image_prompt.vision["image_grid_thw"][0]
+    assert int((ex["label_mask"] == 0).sum()) == int(grid.prod()) // 4 == int((ex["input_ids"] == image_pad).sum())
+    with pytest.raises(ValueError, match="loss_on"):
+        sft_example(video_prompt, tok, "everything")
 
 
 def test_collate_pads_right_and_masks_padding(processor, video_prompt):

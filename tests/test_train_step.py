@@ -178,3 +178,17 @@ def test_masked_truncated_completions_leave_the_token_counts():
     assert loss_scale(cfg, a, [a, b], 0.0)[0] == pytest.approx(4 / 12)
     cfg.algo.loss_type = "dapo"
     assert loss_scale(cfg, a, [a, b], 0.0)[1] == {"num_items": 1.0}  # never 0 when every completion is masked
+
+
+def test_adamw_decays_matrices_only_as_hf_trainer():
+    """Video-R1's HF Trainer puts biases and norm weights in a no-decay group; so do we (ZeRO-3's
+    flat partitions are judged by their full shape, ds_shape)."""
+    from videor1.engine import decay_groups
+
+    layer, norm = torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)
+    flat = torch.nn.Parameter(torch.zeros(0))
+    flat.ds_shape = torch.Size([4, 3])  # a ZeRO-3 partition of a matrix
+    decay, no_decay = decay_groups([layer.weight, layer.bias, norm.weight, norm.bias, flat], 0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert [p is layer.weight or p is flat for p in decay["params"]] == [True, True]
+    assert len(no_decay["params"]) == 3 and all(p.dim() == 1 and p is not flat for p in no_decay["params"])

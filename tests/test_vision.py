@@ -279,3 +279,79 @@ def test_load_image_raises_decode_error(tmp_path):
         assert isinstance(info.value, MediaDecodeError)
         assert info.value.path == str(tmp_path / name) and info.value.reason
         assert str(tmp_path / name) in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# qwen-vl-utils' video pixel rule (Video-R1's data path), transcribed from its vendored
+# src/qwen-vl-utils/src/qwen_vl_utils/vision_process.py (fetch_video + smart_resize).
+
+
+def qvu_smart_resize(height, width, factor=28, min_pixels=4 * 28 * 28, max_pixels=256 * 28 * 28):
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def qvu_fetch_video_size(nframes, height, width, min_pixels=128 * 28 * 28, video_max_pixels=128 * 28 * 28,
+                         total_pixels=int(float(128000 * 28 * 28 * 0.9))):
+    max_pixels = max(min(video_max_pixels, total_pixels / nframes * 2), int(min_pixels * 1.05))
+    return qvu_smart_resize(height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+# (width, height): 16:9, 4:3, 3:2, portrait, square, tiny
+VIDEO_SIZES = [(1280, 720), (640, 360), (1920, 1080), (640, 480), (320, 240), (720, 480), (480, 854), (360, 640),
+               (1080, 1920), (448, 448), (64, 64), (32, 24), (30, 14)]
+
+
+def test_qwen_vl_utils_video_pixels_are_video_r1s_bounds():
+    from videor1.vision import VIDEO_TOTAL_PIXELS, qwen_vl_utils_video_pixels
+
+    assert VIDEO_TOTAL_PIXELS == 90316800
+    assert qwen_vl_utils_video_pixels(16) == (100352, 105369)
+    assert qwen_vl_utils_video_pixels(4) == (100352, 105369)
+    # the total budget binds when the per-frame cap is raised: 90316800 / 16 * 2 = 11289600
+    assert qwen_vl_utils_video_pixels(16, 100352, 768 * 28 * 28 * 100) == (100352, 11289600.0)
+    assert qwen_vl_utils_video_pixels(16, 3136, 12544, 1000) == (3136, 3292)  # int(3136 * 1.05) floor
+    with pytest.raises(ValueError, match="num_frames"):
+        qwen_vl_utils_video_pixels(0)
+
+
+@pytest.mark.parametrize("width,height", VIDEO_SIZES)
+@pytest.mark.parametrize("nframes", [4, 16])
+def test_qwen_vl_utils_mode_sizes_equal_the_formula(width, height, nframes):
+    from videor1.vision import qwen_vl_utils_video_pixels
+
+    lo, hi = qwen_vl_utils_video_pixels(nframes)
+    assert smart_resize(height, width, 28, lo, hi) == qvu_fetch_video_size(nframes, height, width)
+
+
+def test_qwen_vl_utils_mode_hand_checked_sizes():
+    from videor1.vision import qwen_vl_utils_video_pixels
+
+    lo, hi = qwen_vl_utils_video_pixels(16)
+    fixed = 128 * 28 * 28
+    # (width, height) -> (width, height) there vs with the fixed 128*28*28 budget (the numbers)
+    assert smart_resize(480, 640, 28, lo, hi)[::-1] == (364, 280)
+    assert smart_resize(480, 640, 28, fixed, fixed)[::-1] == (364, 252)
+    assert smart_resize(480, 720, 28, lo, hi)[::-1] == (392, 252)
+    assert smart_resize(480, 720, 28, fixed, fixed)[::-1] == (364, 252)
+    assert smart_resize(64, 64, 28, lo, hi) == (336, 336)  # tiny inputs grow to min_pixels
+
+
+def test_frames_to_patches_takes_the_fractional_qwen_vl_utils_bound():
+    from videor1.vision import frames_to_patches
+
+    frames = torch.zeros(2, 480, 640, 3, dtype=torch.uint8)
+    _, grid = frames_to_patches(frames, min_pixels=100352, max_pixels=105369.5)
+    assert grid.tolist() == [1, 20, 26]  # 280 x 364
+    for bad in (float("nan"), float("inf"), -1.0, True):
+        with pytest.raises(ValueError, match="max_pixels"):
+            frames_to_patches(frames, min_pixels=3136, max_pixels=bad)

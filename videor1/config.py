@@ -54,10 +54,20 @@ class DataConfig:
     fps: float = _f(2.0, gt=0)
     min_frames: int = _f(4, ge=1)
     max_frames: int = _f(16, ge=1)
-    video_min_pixels: int = _f(128 * 28 * 28, ge=28 * 28)
-    video_max_pixels: int = _f(128 * 28 * 28, ge=28 * 28)
-    image_min_pixels: int = _f(3136, ge=28 * 28)
-    image_max_pixels: int = _f(12845056, ge=28 * 28)
+    # How a video's frame size is bounded (README "Ours vs Video-R1's scripts"):
+    #   qwen_vl_utils: Video-R1's data path (its vendored qwen-vl-utils fetch_video): smart_resize within
+    #     [video_min_pixels, max(min(video_max_pixels, video_total_pixels / T * 2), int(video_min_pixels * 1.05))]
+    #     for T sampled frames; with Video-R1's 128*28*28 both ways that is [100352, 105369] (640x480 -> 364x280).
+    #   fixed: smart_resize within [video_min_pixels, video_max_pixels] as given (Qwen2VLVideoProcessor's rule).
+    video_pixels: str = _f("qwen_vl_utils", choices=("qwen_vl_utils", "fixed"))
+    video_min_pixels: int = _f(128 * 28 * 28, ge=28 * 28)  # qwen-vl-utils' VIDEO_MIN_PIXELS in Video-R1
+    video_max_pixels: int = _f(128 * 28 * 28, ge=28 * 28)  # qwen-vl-utils' VIDEO_MAX_PIXELS in Video-R1
+    video_total_pixels: int = _f(int(128000 * 28 * 28 * 0.9), ge=28 * 28)  # VIDEO_TOTAL_PIXELS (qwen_vl_utils mode only)
+    # second_per_grid_ts of a video: "fps" = 2 / sample_fps (Qwen2.5-VL's intent, Video-R1's evaluation);
+    # "one" = 1.0, what Video-R1's training effectively used (rollout and loss).
+    second_per_grid_ts: str = _f("fps", choices=("fps", "one"))
+    image_min_pixels: int = _f(3136, ge=28 * 28)  # qwen-vl-utils' MIN_PIXELS (4*28*28)
+    image_max_pixels: int = _f(256 * 28 * 28, ge=28 * 28)  # qwen-vl-utils' MAX_PIXELS, Video-R1's image cap
     max_skip_rate: float = _f(0.05, ge=0, le=1)  # stop when more samples than this fail to load
     skip_rate_min_samples: int = _f(50, ge=1)  # ... judged once this many samples were attempted
     shuffle: bool = True
@@ -89,6 +99,9 @@ class AlgoConfig:
     reward_weights: list[float] = _f(factory=list)  # one per algo.rewards entry; empty = all 1.0
     mask_truncated_completions: bool = False  # completions without EOS at max length leave the loss
     reward_modules: list[str] = _f(factory=list)  # modules imported first, to @register_reward your own
+    # false: answers that do not parse as finite numbers score 0 in every numeric rule; true: Video-R1's
+    # rewards exactly, exploits included (regression gives "nan" 1.0; numerical gives "inf" vs "inf" 1.0).
+    video_r1_compat_rewards: bool = False
     length_bonus: float = _f(0.2, ge=0)
     length_min: int = _f(320, ge=0)
     length_max: int = _f(512, ge=0)
@@ -105,7 +118,7 @@ class AlgoConfig:
 @dataclass
 class OptimConfig:
     lr: float = _f(1e-6, gt=0, finite=True)
-    weight_decay: float = _f(0.0, ge=0, finite=True)
+    weight_decay: float = _f(0.01, ge=0, finite=True)  # Video-R1's GRPO scripts
     adam_beta1: float = _f(0.9, ge=0, lt=1)
     adam_beta2: float = _f(0.999, ge=0, lt=1)
     warmup_ratio: float = _f(0.0, ge=0, le=1)
@@ -139,8 +152,11 @@ class TrainConfig:
 @dataclass
 class SFTConfig:
     # "assistant": loss on the assistant turn only (prompt and vision tokens masked);
-    # "all_but_vision": Video-R1's SFT, every token but padding and vision placeholders.
-    loss_on: str = _f("assistant", choices=("assistant", "all_but_vision"))
+    # "video_r1": Video-R1's sft_video.py labels for Qwen2.5-VL: every token but padding and <|image_pad|>
+    #   (its Qwen2.5-VL branch masks only processor.image_token: <|video_pad|>, <|vision_start|> and
+    #   <|vision_end|> stay in the loss);
+    # "all_but_vision": every token but padding, <|image_pad|> and <|video_pad|> (not Video-R1's).
+    loss_on: str = _f("assistant", choices=("assistant", "video_r1", "all_but_vision"))
 
 
 @dataclass

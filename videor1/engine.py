@@ -54,9 +54,20 @@ def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, num_training_steps
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(1, num_training_steps))
 
 
+def decay_groups(params, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups as HF Trainer (and so Video-R1) makes them: biases and norm weights
+    (the 1-D parameters) are not decayed. ZeRO-3 partitions hold a flat piece of a parameter: its
+    full shape is `ds_shape`."""
+    params = list(params)
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+    groups = [{"params": [p for p, m in zip(params, matrix) if m], "weight_decay": weight_decay},
+              {"params": [p for p, m in zip(params, matrix) if not m], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def _adamw(cfg: Config, params) -> torch.optim.Optimizer:
     o = cfg.optim
-    return torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
+    return torch.optim.AdamW(decay_groups(params, o.weight_decay), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2))
 
 
 class FSDP2Engine:

@@ -31,6 +31,22 @@ TYPE_TEMPLATE = {
 
 PROBLEM_TYPES = tuple(TYPE_TEMPLATE)
 
+# Video-R1's evaluation prompt (src/eval_bench.py), verbatim: the reasoning instruction differs from
+# training's in one place ("between the <think> and </think> tags ... between the <answer> and
+# </answer> tags"); the answer instruction per problem type is TYPE_TEMPLATE's, unchanged.
+EVAL_QUESTION_TEMPLATE = (
+    "{Question}\n"
+    "Please think about this question as if you were a human pondering deeply. "
+    "Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', "
+    "'let's break it down', etc, or other natural language thought expressions "
+    "It's encouraged to include self-reflection or verification in the reasoning process. "
+    "Provide your detailed reasoning between the <think> and </think> tags, and then give your final answer "
+    "between the <answer> and </answer> tags."
+)
+EVAL_TEMPLATE_KEY = "prompt_template"
+"""A row whose "prompt_template" field is "video-r1-eval" is asked with EVAL_QUESTION_TEMPLATE
+(videor1.eval sets it under --protocol video-r1); every other row gets the training prompt."""
+
 
 def build_question(row: Mapping[str, Any]) -> str:
     """The question text of a row: for multiple choice, the options follow, one per line."""
@@ -41,7 +57,8 @@ def build_question(row: Mapping[str, Any]) -> str:
 
 def build_prompt_text(row: Mapping[str, Any]) -> str:
     """The user text of a row: question + reasoning instruction + the answer instruction of its type."""
-    return QUESTION_TEMPLATE.format(Question=build_question(row)) + TYPE_TEMPLATE[row["problem_type"]]
+    template = EVAL_QUESTION_TEMPLATE if row.get(EVAL_TEMPLATE_KEY) == "video-r1-eval" else QUESTION_TEMPLATE
+    return template.format(Question=build_question(row)) + TYPE_TEMPLATE[row["problem_type"]]
 
 
 def build_messages(row: Mapping[str, Any]) -> list[dict]:

@@ -9,11 +9,19 @@
   regression       1 - min(1, relative error) (0 when either side does not parse)
   anything else    0
 The answer is the text between <answer> and </answer> (stripped), "" when absent.
+
+One departure by default: a number that is not finite ("nan", "inf", "-inf", "1e999", ...) does not
+parse, on either side, so it scores 0 in every numeric rule. Video-R1 clamps the regression error
+as min(1, max(0, nan)) = 0, which gives a "nan" answer reward 1.0 on any regression question (and
+passes its temporal and length gates, acc > 0.1), and its numerical rule gives "inf" 1.0 against an
+"inf" solution. `algo.video_r1_compat_rewards: true` (set_video_r1_compat(True), which train.py calls
+at startup) restores Video-R1's values exactly, for comparisons with its runs.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Callable, Mapping
 
@@ -23,6 +31,22 @@ RewardFn = Callable[[str, Mapping], float]
 """A reward: (decoded completion text, dataset row) -> float."""
 
 REWARDS: dict[str, RewardFn] = {}
+
+_VIDEO_R1_COMPAT = False  # algo.video_r1_compat_rewards; set once at startup by set_video_r1_compat
+
+
+def set_video_r1_compat(enabled: bool) -> None:
+    """Score as Video-R1 does, non-finite numbers included (True), or reject them (False, the default).
+    Process-wide: train.check_config sets it from algo.video_r1_compat_rewards on every rank."""
+    global _VIDEO_R1_COMPAT
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _VIDEO_R1_COMPAT = enabled
+
+
+def video_r1_compat() -> bool:
+    """Whether the rewards reproduce Video-R1's values exactly (non-finite numbers included)."""
+    return _VIDEO_R1_COMPAT
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -44,12 +68,14 @@ def get_reward(name: str) -> RewardFn:
     return REWARDS[name]
 
 
-def _to_float(text: str) -> float | None:
-    # Video-R1's normalize_number: Python float() after removing thousands separators.
+def _to_float(text: str, allow_non_finite: bool = False) -> float | None:
+    # Video-R1's normalize_number: Python float() after removing thousands separators; None when it
+    # fails, and (unless allow_non_finite, Video-R1's behaviour) when the value is nan or +-inf.
     try:
-        return float(text.replace(",", ""))
+        value = float(text.replace(",", ""))
     except (ValueError, OverflowError):
         return None
+    return value if allow_non_finite or math.isfinite(value) else None
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
@@ -77,15 +103,18 @@ def rouge_mean_f(reference: str, hypothesis: str) -> float:
     return (s["rouge1"].fmeasure + s["rouge2"].fmeasure + s["rougeL"].fmeasure) / 3
 
 
-def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
-    """Video-R1's accuracy reward of one completion against its `<answer>` solution; in [0, 1]."""
+def accuracy_reward(completion: str, solution: str, problem_type: str, *, video_r1_compat: bool | None = None) -> float:
+    """Video-R1's accuracy reward of one completion against its `<answer>` solution; in [0, 1].
+    video_r1_compat: None = the process-wide setting (set_video_r1_compat); True = Video-R1's values
+    exactly (a "nan" regression answer scores 1.0); False = non-finite numbers never parse (score 0)."""
+    compat = _VIDEO_R1_COMPAT if video_r1_compat is None else video_r1_compat
     out, gt = extract_answer(completion), extract_answer(solution)
     if problem_type == "multiple choice":
         return 1.0 if out.strip() == gt.strip() else 0.0
     if problem_type == "numerical":
         if (("." in gt) or ("," in gt)) != (("." in out) or ("," in out)):
             return 0.0
-        g, o = _to_float(gt), _to_float(out)
+        g, o = _to_float(gt, compat), _to_float(out, compat)
         if g is None or o is None:
             return 0.0
         return 1.0 if round(g, 2) == round(o, 2) else 0.0
@@ -94,11 +123,12 @@ def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
     if problem_type == "free-form":
         return max(0.0, min(1.0, rouge_mean_f(gt, out)))
     if problem_type == "regression":
-        g, o = _to_float(gt), _to_float(out)
+        g, o = _to_float(gt, compat), _to_float(out, compat)
         if g is None or o is None:
             return 0.0
         rel = (abs(o - g) + 1e-9) / (abs(g) + 1e-9)
-        # Same clamp order as Video-R1: a NaN answer clamps to 0 error (reward 1), as there.
+        # Video-R1's clamp order: a NaN error clamps to 0 (reward 1). Only reachable in compat mode;
+        # otherwise both sides are finite (an inf error from an overflowing difference clamps to 1).
         rel = min(1.0, max(0.0, rel))
         return 1 - rel
     return 0.0

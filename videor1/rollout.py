@@ -73,15 +73,39 @@ def load_media(row: dict, data: DataConfig, data_root: str) -> Media:
     return Media(vision.load_image(path))
 
 
+def video_pixel_bounds(data: DataConfig, num_frames: int) -> tuple[int, float]:
+    """(min_pixels, max_pixels) a video of num_frames sampled frames is resized within, per
+    data.video_pixels: "qwen_vl_utils" (Video-R1's fetch_video rule, vision.qwen_vl_utils_video_pixels)
+    or "fixed" (data.video_min_pixels / data.video_max_pixels as given)."""
+    if data.video_pixels == "fixed":
+        return data.video_min_pixels, data.video_max_pixels
+    if data.video_pixels == "qwen_vl_utils":
+        return vision.qwen_vl_utils_video_pixels(num_frames, data.video_min_pixels, data.video_max_pixels,
+                                                 data.video_total_pixels)
+    raise ValueError(f"data.video_pixels must be 'qwen_vl_utils' or 'fixed', got {data.video_pixels!r}")
+
+
+def second_per_grid_t(data: DataConfig, media: Media) -> float:
+    """A video's second_per_grid_ts entry per data.second_per_grid_ts: "fps" = 2 / sample_fps (from
+    the sampling, Qwen2.5-VL's intent), "one" = 1.0 (what Video-R1's training effectively used: its
+    processor call fell back to fps 2.0 for rollouts, and its loss forward dropped the key)."""
+    if data.second_per_grid_ts == "one":
+        return 1.0
+    if data.second_per_grid_ts == "fps":
+        return float(media.second_per_grid_t)
+    raise ValueError(f"data.second_per_grid_ts must be 'fps' or 'one', got {data.second_per_grid_ts!r}")
+
+
 def build_prompt(row: dict, media: Media, processor, data: DataConfig, *, shuffled: bool,
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Prompt:
     """Patches (fused frame-to-patch kernel) and token ids of a row; a shuffled-frame copy when asked."""
     text = processor.apply_chat_template(build_messages(row), tokenize=False, add_generation_prompt=True)
     shuffled_vision = None
     if row["data_type"] == "video":
-        px = dict(min_pixels=data.video_min_pixels, max_pixels=data.video_max_pixels, dtype=dtype)
+        min_px, max_px = video_pixel_bounds(data, media.frames.shape[0])
+        px = dict(min_pixels=min_px, max_pixels=max_px, dtype=dtype)
         pixels, grid = vision.frames_to_patches(media.frames, **px)
-        sec = torch.tensor([media.second_per_grid_t])
+        sec = torch.tensor([second_per_grid_t(data, media)])
         vis = {"pixel_values_videos": pixels, "video_grid_thw": grid.view(1, 3), "second_per_grid_ts": sec}
         if shuffled:
             order = shuffle_permutation(media.frames.shape[0], generator)

@@ -5,8 +5,9 @@
 
 The prompt is the trainer's (same template, same patches); the assistant turn is
 `process + "\\n" + solution` then <|im_end|>. The loss covers the assistant tokens only by default;
-`sft.loss_on: all_but_vision` reproduces Video-R1, which trains on every token except padding and
-the vision placeholders. Same engines, config, checkpoints and resume as train.py; the output
+`sft.loss_on: video_r1` masks exactly what Video-R1's sft_video.py masks for Qwen2.5-VL (padding and
+<|image_pad|>; every other token, <|video_pad|> included, is trained on); `all_but_vision` also masks
+<|video_pad|>. Same engines, config, checkpoints and resume as train.py; the output
 (`<output_dir>/final`) is an HF checkpoint that train.py starts from.
 """
 
@@ -38,6 +39,17 @@ from videor1.sampler import PromptSampler
 log = logging.getLogger("videor1.sft")
 
 
+# Tokens that sft.loss_on's whole-sequence modes take out of the loss, besides padding.
+# video_r1: sft_video.py's collate_fn masks pad_token_id, then `[151652, 151653, 151656] if
+# isinstance(processor, Qwen2VLProcessor) else [processor.image_token]`; Qwen2_5_VLProcessor is not a
+# Qwen2VLProcessor (it derives from ProcessorMixin), so for Qwen2.5-VL only <|image_pad|> is masked and
+# a video's <|video_pad|> placeholders, <|vision_start|> and <|vision_end|> stay labelled.
+SFT_MASKED_TOKENS = {
+    "video_r1": ("<|image_pad|>",),
+    "all_but_vision": ("<|image_pad|>", "<|video_pad|>"),
+}
+
+
 def sft_example(prompt: Prompt, tokenizer, loss_on: str) -> dict:
     """One training sequence: input_ids [T] = prompt + target (+ <|im_end|>), label_mask [T]."""
     target = build_sft_target(prompt.row) + "<|im_end|>"
@@ -45,9 +57,11 @@ def sft_example(prompt: Prompt, tokenizer, loss_on: str) -> dict:
     ids = torch.cat([prompt.input_ids, target_ids])
     if loss_on == "assistant":
         label = torch.cat([torch.zeros_like(prompt.input_ids), torch.ones_like(target_ids)])
-    else:  # Video-R1: everything but the vision placeholders (padding is masked at collation)
-        vision_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
-        label = (~torch.isin(ids, torch.tensor(vision_ids))).long()
+    elif loss_on in SFT_MASKED_TOKENS:  # every token but these (padding is masked at collation)
+        masked = [tokenizer.convert_tokens_to_ids(t) for t in SFT_MASKED_TOKENS[loss_on]]
+        label = (~torch.isin(ids, torch.tensor(masked))).long()
+    else:
+        raise ValueError(f"sft.loss_on must be 'assistant', 'video_r1' or 'all_but_vision', got {loss_on!r}")
     return {"input_ids": ids, "label_mask": label, "vision": prompt.vision}
 
 

@@ -32,7 +32,7 @@ from videor1.config import Config, ConfigError, parse_cli, to_dict
 from videor1.data import load_rows
 from videor1.metrics import (MetricsLogger, StepTimer, check_report_to, peak_memory_gb, plot_curves, read_metrics,
                              summary_table)
-from videor1.rewards import get_reward
+from videor1.rewards import get_reward, set_video_r1_compat
 from videor1.rollout import Prompt, decode, generate, training_inputs, truncated_completions, vision_token_ids
 from videor1.sampler import PromptSampler
 from videor1.tgrpo import batch_reward_std, group_advantages, group_rewards, group_stats
@@ -55,6 +55,7 @@ def check_config(cfg: Config) -> None:
             importlib.import_module(module)  # lets user modules @register_reward before names are checked
         except ModuleNotFoundError as e:
             raise ConfigError(f"algo.reward_modules: cannot import {module!r} ({e}); is it on PYTHONPATH?") from None
+    set_video_r1_compat(cfg.algo.video_r1_compat_rewards)  # before any reward is computed, on every rank
     if "accuracy" not in cfg.algo.rewards:
         raise ConfigError("algo.rewards must include 'accuracy' (the temporal and length rules read it)")
     for name in cfg.algo.rewards:

@@ -40,6 +40,10 @@ FPS_MAX_FRAMES = 768
 
 # Video-R1 trains on 16 frames of 128*28*28 pixels; images default to Qwen2VLImageProcessor's.
 VIDEO_PIXELS = 128 * 28 * 28
+# Video-R1's vendored qwen-vl-utils (src/qwen-vl-utils/src/qwen_vl_utils/vision_process.py):
+# VIDEO_MIN_PIXELS = VIDEO_MAX_PIXELS = 128*28*28 and VIDEO_TOTAL_PIXELS = int(128000*28*28*0.9)
+# (unless its VIDEO_MAX_PIXELS environment variable is set; Video-R1's scripts do not set it).
+VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
 IMAGE_MIN_PIXELS = 56 * 56
 IMAGE_MAX_PIXELS = 28 * 28 * 1280
 MAX_ASPECT_RATIO = 200
@@ -320,6 +324,19 @@ def _read_torchcodec(path, sample):
 # Frames -> patches
 
 
+def qwen_vl_utils_video_pixels(num_frames: int, min_pixels: int = VIDEO_PIXELS, max_pixels: int = VIDEO_PIXELS,
+                               total_pixels: int = VIDEO_TOTAL_PIXELS) -> tuple[int, float]:
+    """The (min_pixels, max_pixels) qwen-vl-utils' fetch_video resizes a video of `num_frames`
+    sampled frames within (then smart_resize(H, W, 28, min, max)), with its arguments' meaning:
+    max = max(min(max_pixels, total_pixels / num_frames * FRAME_FACTOR), int(min_pixels * 1.05)).
+    The max may be fractional (used as is, as there). With Video-R1's values (128*28*28, 128*28*28,
+    int(128000*28*28*0.9)) and 16 frames: (100352, 105369)."""
+    if not _is_int(num_frames) or num_frames <= 0:
+        raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+    upper = max(min(max_pixels, total_pixels / num_frames * FRAME_FACTOR), int(min_pixels * 1.05))
+    return min_pixels, upper
+
+
 def frames_to_patches(
     frames: torch.Tensor | np.ndarray,
     *,
@@ -379,9 +396,11 @@ def _patchify(frames, min_pixels, max_pixels, dtype, device, frame_order, what):
     height, width = (frames.shape[1], frames.shape[2]) if channels_last else (frames.shape[2], frames.shape[3])
     if height == 0 or width == 0:
         raise ValueError(f"{what} has an empty spatial size: shape {tuple(frames.shape)}")
-    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-        if not _is_int(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not _is_int(min_pixels) or min_pixels <= 0:
+        raise ValueError(f"min_pixels must be a positive integer, got {min_pixels!r}")
+    # max_pixels may be fractional: qwen-vl-utils' video bound (qwen_vl_utils_video_pixels) is.
+    if not (_is_int(max_pixels) or isinstance(max_pixels, float)) or not (0 < max_pixels < math.inf):
+        raise ValueError(f"max_pixels must be a positive number, got {max_pixels!r}")
     if min_pixels > max_pixels:
         raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
     if dtype not in (torch.float32, torch.bfloat16):
