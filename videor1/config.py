@@ -143,7 +143,7 @@ class TrainConfig:
     resume_allow_changes: list[str] = _f(factory=list)  # dotted keys that may differ from the checkpoint's config
     save_total_limit: int = _f(0, ge=0)  # keep the last N checkpoints (0 = all); final/ is always kept
     save_hf_checkpoints: bool = True  # each checkpoint-N also holds an HF copy (from_pretrained loads it)
-    logging_steps: int = _f(1, ge=1)  # console summary every N steps (metrics.jsonl gets every step)
+    logging_steps: int = _f(10, ge=1)  # console summary every N steps, as TRL (metrics.jsonl gets every step)
     report_to: str = _f("none", choices=("none", "tensorboard", "wandb"))
     log_completions: bool = False  # a sample of prompts, completions and rewards every logging step
     dist_timeout_s: float = _f(600.0, gt=0)  # a collective waiting longer (a dead rank) fails the job
