@@ -4,6 +4,7 @@ sample of completions (completions.jsonl), a summary table and a PNG."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -13,6 +14,8 @@ from contextlib import contextmanager
 import torch
 
 from videor1.config import ConfigError
+
+log = logging.getLogger("videor1.metrics")
 
 
 class StepTimer:
@@ -92,27 +95,7 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        if resume_step and os.path.exists(self.path):  # drop lines after the resumed step
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                lines = [line for line in f if line.strip()]
-            kept = []
-            for i, line in enumerate(lines):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    if i == len(lines) - 1:  # a write cut short by the crash: drop it
-                        import logging
-
-                        logging.getLogger("videor1").warning("%s: dropping a torn last line (%d bytes) on resume",
-                                                             self.path, len(line))
-                        continue
-                    raise ValueError(f"{self.path} line {i + 1} is not valid JSON: the metrics file is damaged") from None
-                if record["step"] <= resume_step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            with open(self.path, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
+        _keep_until(self.path, resume_step, strict=True)  # lines after the resumed step go
         _keep_until(self.completions_path, resume_step)
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -159,23 +142,29 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _keep_until(path: str, step: int) -> None:
-    """A JSONL file of {"step": ...} lines kept up to `step` (resume; a line torn by a crash is
-    dropped: the file is a sample, not a record), or removed (a fresh run, step 0)."""
+def _keep_until(path: str, step: int, strict: bool = False) -> None:
+    """A JSONL file of {"step": ...} lines kept up to `step` (resume), or removed (a fresh run, step 0).
+    A torn last line (a write cut short by a crash) is dropped with a warning; a damaged line before
+    it raises when `strict` (metrics.jsonl is the run's record) and is dropped otherwise (a sample)."""
     if not os.path.exists(path):
         return
     if not step:
         os.remove(path)
         return
-
-    def step_of(line: str) -> float:
-        try:
-            return json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return math.inf
-
     with open(path, encoding="utf-8", errors="replace") as f:
-        kept = [line if line.endswith("\n") else line + "\n" for line in f if line.strip() and step_of(line) <= step]
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                log.warning("%s: dropping a torn last line (%d bytes) on resume", path, len(line))
+            elif strict:
+                raise ValueError(f"{path} line {i + 1} is not valid JSON: the metrics file is damaged") from None
+            continue
+        if record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(kept)
 

@@ -168,7 +168,8 @@ def special_ids(tokenizer) -> tuple[list[int], int]:
 class PromptStream:
     """Rows for this rank, ready as Prompts; undecodable media are skipped (logged with the path,
     counted), never substituted; prompts longer than data.max_prompt_length tokens (vision included)
-    are skipped whole (logged, counted in `too_long`, outside the skip rate), never truncated. The run stops with a clear error once more than data.max_skip_rate
+    are skipped whole (logged, counted in `too_long`, outside the skip rate), never truncated. The
+    run stops with a clear error once more than data.max_skip_rate
     of the samples (after data.skip_rate_min_samples) failed. Decoded media can be cached in memory."""
 
     def __init__(self, cfg: Config, rows: list[dict], processor, sampler: PromptSampler, generator: torch.Generator,
