@@ -134,6 +134,9 @@ NOT_BROUGHT = {
     "typer": "transformers' command-line interface only (with rich, shellingham, markdown-it: ~0.6 MB)",
     "torch / triton / numpy / torchvision": "the machine's own (a CUDA build matching its driver; too large)",
     "flash-attn": "optional (SDPA otherwise); a CUDA build per torch version, far over the budget",
+    "trl": "bench_grpo_loss's trl-chunked baseline: TRL's fused LM head's backward imports trl.trainer.utils, which "
+           "needs pandas, datasets and pyarrow (~55 MB of cp312 wheels), over the budget; the row is skipped, "
+           "with its reason, unless the machine has them",
 }
 PACKAGE_MODULES = {  # distribution -> module, for the availability report
     "transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors",
@@ -285,7 +288,7 @@ print("PROBE_JSON " + json.dumps(out))
 # ---- the steps -----------------------------------------------------------------------------------------------
 
 REHEARSE_SLOWDOWN = 6  # --rehearse: the 2-core CPU machines run the tiny model's steps this much slower
-GROUP_BUDGET_S = {"setup": 30, "build": 180, "tests": 110, "runs": 160, "bench": 90}  # sum 570
+GROUP_BUDGET_S = {"setup": 30, "build": 180, "tests": 110, "runs": 140, "bench": 110}  # sum 570
 
 
 @dataclass
@@ -318,6 +321,7 @@ def make_steps() -> list[Step]:
         Step("sft_zero3", "runs", "SFT 3 steps, ZeRO-3", 45, needs_pkgs=("deepspeed", "accelerate"),
              after=("build", "data")),
         Step("bench_grpo_loss", "bench", "GRPO loss at the 7B head", 75, min_s=30),
+        Step("sweep_row_kernel", "bench", "row kernel BLOCK_V x num_warps sweep", 35, min_s=15),
         Step("bench_frame_to_patch", "bench", "frame-to-patch vs copy bound", 35, after=("build",), min_s=15),
     ]
 
@@ -459,7 +463,8 @@ class Check:
                 shutil.copytree(self.logs, os.path.join(dst, "gpu_check_logs"), dirs_exist_ok=True)
             for name in os.listdir(self.out) if self.out != dst else []:
                 p = os.path.join(self.out, name)
-                if os.path.isfile(p) and (self.slug in name or name.startswith(("grpo_loss_cuda", "frame_to_patch_cuda"))):
+                if os.path.isfile(p) and (self.slug in name or name.startswith(("grpo_loss_cuda", "frame_to_patch_cuda",
+                                                                                         "row_kernel_sweep_cuda"))):
                     shutil.copy2(p, dst)
             for run in os.listdir(self.work) if os.path.isdir(self.work) else []:  # the runs' own records (small)
                 for name in ("metrics.jsonl",) if os.path.isdir(os.path.join(self.work, run)) else ():
@@ -757,7 +762,8 @@ class Check:
     def step_bench_grpo_loss(self, step):
         box = max(10, int((self.remaining() if step else 75) - 25))
         cmd = [self.py, "benchmarks/bench_grpo_loss.py", "--sizes", "8192", "--dtype", "bf16", "--modes", "fwd+bwd,fwd",
-               "--providers", "ours-linear,torch-eager,liger-chunked,ours-logits,liger-triton", "--reps", "3",
+               "--mask", "both", "--providers",
+               "ours-linear,torch-eager,trl-chunked,liger-chunked,ours-logits,liger-triton", "--reps", "3",
                "--time-box", str(box), "--out", self.out]
         if step is None:
             return shlex.join(cmd)
@@ -765,6 +771,19 @@ class Check:
         path = os.path.join(self.out, f"grpo_loss_cuda_{self.slug}.csv")
         key = dict(csv=path if os.path.exists(path) else None, bench_s=round(secs, 1),
                    **grpo_key_numbers(path))
+        if rc != 0:
+            return dict(status="FAIL", reason="timeout" if rc is None else f"exit {rc}", key=key)
+        return dict(status="PASS" if key["csv"] else "FAIL", reason="" if key["csv"] else "no CSV written", key=key)
+
+    def step_sweep_row_kernel(self, step):
+        box = max(5, int((self.remaining() if step else 35) - 10))
+        cmd = [self.py, "benchmarks/sweep_row_kernel.py", "--time-box", str(box), "--tag", f"cuda_{self.slug}",
+               "--out", self.out]
+        if step is None:
+            return shlex.join(cmd)
+        rc, secs = self.run(cmd)
+        path = os.path.join(self.out, f"row_kernel_sweep_cuda_{self.slug}.csv")
+        key = dict(csv=path if os.path.exists(path) else None, sweep_s=round(secs, 1), **sweep_key_numbers(path))
         if rc != 0:
             return dict(status="FAIL", reason="timeout" if rc is None else f"exit {rc}", key=key)
         return dict(status="PASS" if key["csv"] else "FAIL", reason="" if key["csv"] else "no CSV written", key=key)
@@ -932,13 +951,22 @@ def grpo_key_numbers(path: str) -> dict:
     out, skipped = {}, []
     for r in read_csv(path):
         if r["metric"] in ("time_ms", "peak_mem_mb") and r["provider"] != "bandwidth-bound":
-            k = f"{r['kernel']} {r['mode']} {r['provider']}"
+            counted = r["shape"].rsplit("counted=", 1)[1] if "counted=" in r["shape"] else "1.00"
+            k = f"{r['kernel']} {r['mode']} {r['provider']} counted={counted}"
             out.setdefault(k, {})["ms" if r["metric"] == "time_ms" else "peak_mb"] = float(r["p50"])
         elif r["provider"] == "bandwidth-bound":
             out.setdefault(f"{r['kernel']} {r['mode']} bandwidth-bound", {})["ms"] = float(r["p50"])
         elif r["provider"].startswith(("skipped", "time-box")):
             skipped.append(r["note"] or r["provider"])
     return {"results": out, "skipped": skipped} if out or skipped else {}
+
+
+def sweep_key_numbers(path: str) -> dict:
+    out = {}
+    for r in read_csv(path):
+        if r["metric"] == "time_ms":
+            out.setdefault(r["kernel"], {})[r["provider"] + (" (table)" if r["note"] else "")] = float(r["p50"])
+    return {"results": out} if out else {}
 
 
 def f2p_key_numbers(path: str) -> dict:
@@ -1000,6 +1028,14 @@ def step_note(name: str, k: dict) -> str:
         parts = [f"{key.split(' ', 2)[2]} {val.get('ms')} ms/{val.get('peak_mb')} MB" for key, val in res.items()
                  if key.startswith("linear_grpo_loss fwd+bwd") and "ms" in val]
         return "linear fwd+bwd: " + "; ".join(parts) if parts else ""
+    if name == "sweep_row_kernel":
+        res = k.get("results") or {}
+        parts = []
+        for kern, cfgs in res.items():
+            best = min(cfgs.items(), key=lambda kv: kv[1])
+            table = next((v for c, v in cfgs.items() if c.endswith("(table)")), None)
+            parts.append(f"{kern} best {best[0]} {best[1]:.3f} ms (table {table} ms)")
+        return "; ".join(parts)
     if name == "bench_frame_to_patch":
         res = k.get("results") or {}
         parts = [f"{shape.split(' ')[0]}: {val.get('ours-cuda x_copy_bound')}x copy" for shape, val in res.items()

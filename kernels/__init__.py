@@ -1,10 +1,11 @@
 """Fused GRPO loss kernels (Triton); standalone: depends on torch and triton only.
 
     loss, metrics = kernels.grpo_loss(logits, completion_ids, advantages, completion_mask, ...)
+        # logits: the model's full [B, L + 1, V] or [B, L, V]
     loss, metrics = kernels.linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask,
                                              bias=None, ...)
-    logp = kernels.selective_logprobs(logits, ids, temperature=1.0)
-    logp = kernels.linear_selective_logprobs(hidden, weight, ids, bias=None, temperature=1.0)
+    logp = kernels.selective_logprobs(logits, ids, temperature=1.0, mask=None)
+    logp = kernels.linear_selective_logprobs(hidden, weight, ids, bias=None, temperature=1.0, mask=None)
 
 Each takes backend="auto" | "triton" | "torch": "auto" runs the Triton kernels on CUDA tensors and
 the chunked pure-torch path (same algorithm, same memory behaviour) elsewhere. The math is

@@ -35,14 +35,26 @@ def check_tensor(name: str, t, ndim: int | None = None, dtypes=None) -> torch.Te
     return t
 
 
-def check_ids(name: str, ids: torch.Tensor, vocab_size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ids must be integers in [0, V) wherever they are counted; masked positions become 0."""
+def check_ids(name: str, ids: torch.Tensor, vocab_size: int, mask: torch.Tensor | None = None,
+              on_device: bool | None = None) -> torch.Tensor:
+    """ids must be integers in [0, V) wherever they are counted; masked positions become 0.
+
+    On the CPU a bad id raises ValueError here. On a GPU the check is a device-side assert
+    (torch._assert_async: no host sync; a bad id stops the process at the next synchronisation with
+    this message). on_device forces either form (tests)."""
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise ValueError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
     ids = ids.long()
     if mask is not None:
         ids = torch.where(mask, ids, torch.zeros_like(ids))
-    if ids.numel() > 0:
+    if ids.numel() == 0:
+        return ids
+    if on_device is None:
+        on_device = ids.device.type == "cuda"
+    if on_device:
+        torch._assert_async(((ids >= 0) & (ids < vocab_size)).all(),
+                            f"{name} must lie in [0, {vocab_size}) (the vocabulary size) where counted")
+    else:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name} must lie in [0, {vocab_size}) (the vocabulary size), got values in [{lo}, {hi}]")
@@ -77,7 +89,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class Hyper:
-    """Scalar hyperparameters of the loss (Python floats; the Triton kernels take them as constexpr)."""
+    """Scalar hyperparameters of the loss (Python floats; runtime arguments of the Triton kernel)."""
 
     beta: float
     eps_low: float
@@ -106,6 +118,12 @@ class Tokens:
         return replace(self, ids=self.ids[r0:r1], adv=self.adv[r0:r1], weight=self.weight[r0:r1],
                        mask=self.mask[r0:r1], old=cut(self.old), ref=cut(self.ref))
 
+    def take(self, index: torch.Tensor) -> "Tokens":
+        """The tokens at index ([n] int64), in that order (a gather: small [n] copies)."""
+        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return replace(self, ids=pick(self.ids), adv=pick(self.adv), weight=pick(self.weight),
+                       mask=pick(self.mask), old=pick(self.old), ref=pick(self.ref))
+
 
 @dataclass
 class Prepared:
@@ -115,6 +133,14 @@ class Prepared:
     length: int
     seq_len_counts: torch.Tensor  # [B] counted tokens per sequence (compute dtype)
     n_tokens: torch.Tensor  # scalar: max(total counted tokens, 1)
+
+    def counted_index(self) -> torch.Tensor | None:
+        """Flat indices [M] of the counted tokens, or None when every token counts.
+
+        Sizing the gather needs M on the host: one synchronisation on a GPU (the only one of the
+        fused-linear path)."""
+        index = torch.nonzero(self.tok.mask).squeeze(1)
+        return None if index.numel() == self.tok.mask.numel() else index
 
 
 def prepare_grpo(
@@ -179,9 +205,12 @@ def prepare_grpo(
         max_completion_length = L
     if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length < 1:
         raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
-    if num_items is not None:
-        num_items = check_float("num_items", num_items.item() if isinstance(num_items, torch.Tensor) else num_items,
-                                low=0.0)
+    if isinstance(num_items, torch.Tensor):  # kept on its device: no .item() (a host sync on a GPU)
+        if num_items.numel() != 1 or num_items.dtype.is_complex or num_items.dtype == torch.bool:
+            raise ValueError(f"num_items must be a number or a one-element tensor, got shape {tuple(num_items.shape)}")
+        num_items = num_items.detach().reshape(()).to(device=device, dtype=cdtype)
+    elif num_items is not None:
+        num_items = check_float("num_items", num_items, low=0.0)
 
     mask = completion_mask != 0
     ids = check_ids("completion_ids", completion_ids, vocab_size, mask)
@@ -195,7 +224,12 @@ def prepare_grpo(
     elif loss_type == "dr_grpo":
         weight = mf / float(B * max_completion_length)
     else:  # dapo
-        weight = mf / (total.clamp(min=1) if num_items is None else max(num_items, 1.0))
+        if num_items is None:
+            weight = mf / total.clamp(min=1)
+        elif isinstance(num_items, torch.Tensor):
+            weight = mf / num_items.clamp(min=1)
+        else:
+            weight = mf / max(num_items, 1.0)
 
     zero = torch.zeros((), dtype=cdtype, device=device)
     old = None if old_logprobs is None else torch.where(mask, old_logprobs.to(cdtype), zero).reshape(-1)

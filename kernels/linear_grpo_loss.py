@@ -1,6 +1,10 @@
 """GRPO loss fused with the lm_head: hidden [B, L, H] x weight [V, H] in row chunks, never [B*L, V].
 
-Per chunk of c token rows (one [c, V] fp32 buffer, reused):
+Only counted tokens meet the lm_head: their rows are gathered (index_select of [c, H] per chunk), the
+chunk loop runs on them, and the hidden gradient is scattered back (masked rows get exact zeros, even
+when their hidden states are NaN). Time follows counted tokens, not the padded length.
+
+Per chunk of c counted token rows (one [c, V] fp32 buffer, reused):
     buf      = hidden_c @ weight.T (+ bias)                     GEMM 1 (cuBLAS / MKL), fp32 output
     epilogue = lse, logp, ratio, clip, k3 KL, loss terms, and d loss / d logits written into buf
                (Triton row kernel, or the same algorithm in torch)
@@ -11,6 +15,8 @@ The gradients are computed during the forward (three GEMMs, the same count as ea
 handed to autograd in backward (kernels._grads), scaled by grad_output. Sequence-level ratios with
 old_logprobs need every log-prob of a sequence before any gradient: a log-prob pass first, then the
 gradient pass (one extra GEMM per chunk).
+The fp32 d_weight accumulator is narrowed to the weight's dtype in place, in its own storage, so an
+fp32 d_weight and a bf16 copy of it are never live together.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from ._math import finish, sequence_terms
 from .grpo_loss import _empty_out, rows_impl
 
 # Bytes of chunk buffers per device type. CPU: the whole extra memory must stay under 0.3 GB at
-# H = 3584, V = 152064 (issue 3); CUDA: large chunks keep the d_weight GEMM compute-bound (its
-# accumulator is read and written once per chunk) at ~1 GB of buffers.
-CHUNK_BUDGET_BYTES = {"cpu": 240 << 20, "cuda": 1 << 30}
+# H = 3584, V = 152064 (issue 3). CUDA: the d_weight GEMM reads and writes its fp32 [V, H] accumulator
+# once per chunk (8 bytes per element) for 2 c flops per element, so its intensity is about c / 4
+# flop/byte; an H100's ridge (989 TFLOP/s bf16 over 3.35 TB/s) is ~295, so c >= ~1200 rows keep it
+# compute-bound: 1.5 GiB gives 1664 rows at H = 3584, V = 152064 in bf16 (~416 flop/byte).
+CHUNK_BUDGET_BYTES = {"cpu": 240 << 20, "cuda": 3 << 29}
 
 
 def chunk_rows(n_rows: int, hidden_size: int, vocab_size: int, dtype: torch.dtype, device_type: str) -> int:
@@ -101,10 +109,30 @@ def _accumulate_weight_grad(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.T
         torch.addmm(acc, dlogits.t().to(acc.dtype), h.to(acc.dtype), beta=beta, out=acc)
 
 
+def narrow_(acc: torch.Tensor, dtype: torch.dtype, block_rows: int = 4096) -> torch.Tensor:
+    """acc [V, H] (fp32) converted to dtype (2 bytes) in place: a [V, H] view of the first half of acc's storage.
+
+    Block by block in ascending order: block [v0, v1) is copied out (a small temporary) and written to
+    bytes [2 v0 H, 2 v1 H), which hold fp32 rows below v1 only: rows already converted, or this block's
+    own rows, already copied. So no second [V, H] tensor is allocated; acc must not be used afterwards.
+    """
+    if acc.dtype == dtype:
+        return acc
+    if torch.finfo(dtype).bits * 2 != torch.finfo(acc.dtype).bits or not acc.is_contiguous():
+        return acc.to(dtype)
+    V, H = acc.shape
+    flat = acc.view(-1).view(dtype)[: V * H]  # the storage read as dtype, first half
+    for v0 in range(0, V, block_rows):
+        v1 = min(V, v0 + block_rows)
+        flat[v0 * H: v1 * H].copy_(acc[v0:v1].reshape(-1).to(dtype))
+    return flat.view(V, H)
+
+
 # ---- the chunk driver -------------------------------------------------------------------------------------
 
-def _fused_linear(h2, weight, bias, prep: Prepared | None, ids, inv_t, backend, need, chunk):
-    """Run the chunk loop. prep None = log-probs only. need = (d_hidden, d_weight, d_bias) wanted.
+def _fused_linear(h2, weight, bias, prep: Prepared | None, ids, inv_t, backend, need, chunk, index=None):
+    """Run the chunk loop over the rows in index ([M] int64; None = all). prep None = log-probs only.
+    need = (d_hidden, d_weight, d_bias) wanted.
 
     Returns (out dict of [N] tensors, d_hidden [N, H] or None, d_weight fp32 or None, d_bias fp32 or None).
     Autocast is off inside: the GEMMs run in the inputs' dtype with the output dtypes chosen here.
@@ -113,39 +141,57 @@ def _fused_linear(h2, weight, bias, prep: Prepared | None, ids, inv_t, backend, 
     off = (torch.autocast(device_type=h2.device.type, enabled=False)
            if torch.amp.is_autocast_available(h2.device.type) else contextlib.nullcontext())
     with off:
-        return _fused_linear_impl(h2, weight, bias, prep, ids, inv_t, backend, need, chunk)
+        return _fused_linear_impl(h2, weight, bias, prep, ids, inv_t, backend, need, chunk, index)
 
 
-def _fused_linear_impl(h2, weight, bias, prep, ids, inv_t, backend, need, chunk):
+def _fused_linear_impl(h2, weight, bias, prep, ids, inv_t, backend, need, chunk, index):
     rows = rows_impl(backend)
     N, H = h2.shape
     V = weight.shape[0]
     dev, cdt = h2.device, compute_dtype(h2.dtype)
     low_precision = h2.dtype != cdt
     want_grad = prep is not None and any(need)
+    M = N if index is None else index.numel()  # rows that meet the lm_head
     out = _empty_out(N, cdt, dev)
-    buf = torch.empty(min(chunk, N), V, dtype=cdt, device=dev)
+    if index is not None:
+        for v in out.values():
+            v.zero_()  # masked tokens: exact zeros
+    tok = None if prep is None else (prep.tok if index is None else prep.tok.take(index))
+    sel_ids = ids if index is None else ids.index_select(0, index)
+    buf = torch.empty(max(1, min(chunk, M)), V, dtype=cdt, device=dev)
     dbuf = torch.empty_like(buf, dtype=h2.dtype) if (want_grad and low_precision) else None
-    d_h = torch.empty(N, H, dtype=h2.dtype, device=dev) if (want_grad and need[0]) else None
+    d_h = None
+    if want_grad and need[0]:  # masked rows of the hidden gradient are zeros
+        d_h = (torch.empty if index is None else torch.zeros)(N, H, dtype=h2.dtype, device=dev)
     # the first chunk writes the accumulators (no zero-fill pass over [V, H]), later chunks add
     d_w = torch.empty(V, H, dtype=cdt, device=dev) if (want_grad and need[1]) else None
     d_b = torch.empty(V, dtype=cdt, device=dev) if (want_grad and need[2]) else None
+    if M == 0:  # nothing counted: zero gradients
+        for t in (d_w, d_b):
+            if t is not None:
+                t.zero_()
+
+    def hidden_rows(r0, r1):
+        return h2[r0:r1] if index is None else h2.index_select(0, index[r0:r1])
 
     def chunks():
-        for r0 in range(0, N, chunk):
-            r1 = min(N, r0 + chunk)
-            x = buf[: r1 - r0]
-            _logits_into(x, h2[r0:r1], weight, bias)
-            yield r0, r1, x
+        for r0 in range(0, M, chunk):
+            r1 = min(M, r0 + chunk)
+            x, hc = buf[: r1 - r0], hidden_rows(r0, r1)
+            _logits_into(x, hc, weight, bias)
+            yield r0, r1, x, hc
 
     def grad_target(r0, r1, x):
         """Where the epilogue writes d loss / d logits: the fp32 buffer itself, or its bf16/fp16 twin."""
         return x if dbuf is None else dbuf[: r1 - r0]
 
-    def backprop(r0, r1, x):
-        dl, hc, first = grad_target(r0, r1, x), h2[r0:r1], r0 == 0
+    def backprop(r0, r1, x, hc):
+        dl, first = grad_target(r0, r1, x), r0 == 0
         if d_h is not None:
-            torch.mm(dl, weight, out=d_h[r0:r1])
+            if index is None:
+                torch.mm(dl, weight, out=d_h[r0:r1])
+            else:
+                d_h.index_copy_(0, index[r0:r1], dl @ weight)
         if d_w is not None:
             _accumulate_weight_grad(d_w, dl, hc, first)
         if d_b is not None:
@@ -154,23 +200,37 @@ def _fused_linear_impl(h2, weight, bias, prep, ids, inv_t, backend, need, chunk)
             else:
                 d_b.add_(dl.sum(0, dtype=cdt))
 
+    def put(name, r0, r1, value):
+        if index is None:
+            out[name][r0:r1].copy_(value)
+        else:
+            out[name].index_copy_(0, index[r0:r1], value)
+
     one_pass = prep is not None and not prep.hp.sequence_level
-    for r0, r1, x in chunks():
-        o = {k: v[r0:r1] for k, v in out.items()}
+    for r0, r1, x, hc in chunks():
+        o = {k: torch.empty(r1 - r0, dtype=cdt, device=dev) for k in out} if index is not None else \
+            {k: v[r0:r1] for k, v in out.items()}
         if one_pass:
             dx = grad_target(r0, r1, x) if want_grad else None
-            rows.loss_rows(x, prep.tok.rows(r0, r1), prep.hp, o, dx=dx, scratch=True)
+            rows.loss_rows(x, tok.rows(r0, r1), prep.hp, o, dx=dx, scratch=True)
             if want_grad:
-                backprop(r0, r1, x)
+                backprop(r0, r1, x, hc)
+            names = o.keys()
         else:
-            rows.logprob_rows(x, ids[r0:r1], inv_t, o["lse"], o["logp"], scratch=True)
+            rows.logprob_rows(x, sel_ids[r0:r1], inv_t, o["lse"], o["logp"], scratch=True)
+            names = ("lse", "logp")
+        if index is not None:
+            for k in names:
+                put(k, r0, r1, o[k])
     if prep is not None and prep.hp.sequence_level:
         out["loss"], out["kl"], out["clip"], out["coef"] = sequence_terms(out["logp"], prep)
         if want_grad:  # second pass: the gradient from the now-known d loss / d logp
-            for r0, r1, x in chunks():
-                rows.dlogit_rows(x, ids[r0:r1], out["lse"][r0:r1], out["coef"][r0:r1], inv_t,
+            lse_c = out["lse"] if index is None else out["lse"].index_select(0, index)
+            coef_c = out["coef"] if index is None else out["coef"].index_select(0, index)
+            for r0, r1, x, hc in chunks():
+                rows.dlogit_rows(x, sel_ids[r0:r1], lse_c[r0:r1], coef_c[r0:r1], inv_t,
                                  dx=grad_target(r0, r1, x), scratch=True)
-                backprop(r0, r1, x)
+                backprop(r0, r1, x, hc)
     return out, d_h, d_w, d_b
 
 
@@ -180,18 +240,19 @@ class _LinearGRPOFunction(torch.autograd.Function):
         B, L, H = hidden.shape
         h2 = hidden.reshape(B * L, H)
         out, d_h, d_w, d_b = _fused_linear(h2, weight, bias, prep, prep.tok.ids, prep.hp.inv_temperature, backend,
-                                           need, chunk)
+                                           need, chunk, prep.counted_index())
         loss, metrics = finish(out["loss"], out["kl"], out["clip"], prep)
         kl, clip = metrics["kl"], metrics["clip_ratio"]
         ctx.mark_non_differentiable(kl, clip)
+        ctx.backend = backend
         save_grads(ctx, None if d_h is None else d_h.view(B, L, H),
-                   None if d_w is None else d_w.to(weight.dtype),
+                   None if d_w is None else narrow_(d_w, weight.dtype),
                    None if d_b is None else d_b.to(bias.dtype))
         return loss, kl, clip
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        d_h, d_w, d_b = hand_over(ctx, grad_loss)
+        d_h, d_w, d_b = hand_over(ctx, grad_loss, ctx.backend)
         return d_h, d_w, d_b, None, None, None, None
 
 
@@ -264,7 +325,12 @@ def linear_grpo_loss(
     Returns:
         (loss, metrics) as kernels.grpo_loss. Gradients flow to hidden, weight and bias (in their
         dtypes; d_weight is accumulated in fp32 over the chunks) and accumulate into .grad as usual.
-        They are computed in the forward, so backpropagate each loss once.
+        They are computed in the forward, so backpropagate each loss once (a retained graph may be
+        backpropagated again: the saved gradients are rescaled to the new grad_output).
+
+    Only counted tokens meet the lm_head (time follows them, not the padded length); masked rows of
+    the hidden gradient are exact zeros, whatever the hidden states hold there. One host sync per
+    call on a GPU: the number of counted tokens, to size their gather.
     """
     B, L, H, V = _check_linear(hidden, weight, bias)
     backend = resolve_backend(backend, hidden.device)
@@ -281,12 +347,15 @@ def linear_grpo_loss(
 
 @torch.no_grad()
 def linear_selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
-                              bias: torch.Tensor | None = None, temperature: float = 1.0, *, backend: str = "auto",
+                              bias: torch.Tensor | None = None, temperature: float = 1.0,
+                              mask: torch.Tensor | None = None, *, backend: str = "auto",
                               chunk_size: int | None = None) -> torch.Tensor:
     """log_softmax((hidden @ weight.T + bias) / temperature) at ids, chunked; no grad.
 
-    hidden: [B, L, H]; weight: [V, H]; bias: [V] or None; ids: [B, L] integer in [0, V).
-    Returns [B, L] float32 (float64 for float64 inputs). For reference / old log-probs.
+    hidden: [B, L, H]; weight: [V, H]; bias: [V] or None; ids: [B, L] integer in [0, V) (where
+    counted). mask: [B, L] or None; masked tokens never meet the lm_head and get 0 (pass the
+    completion mask for reference / old log-probs of a padded batch: time follows counted tokens).
+    Returns [B, L] float32 (float64 for float64 inputs).
     """
     B, L, H, V = _check_linear(hidden, weight, bias)
     check_tensor("ids", ids, ndim=2)
@@ -294,10 +363,21 @@ def linear_selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: t
         raise ValueError(f"ids must have shape (B, L) = {(B, L)}, got {tuple(ids.shape)}")
     if ids.device != hidden.device:
         raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
+    index, counted = None, None
+    if mask is not None:
+        check_tensor("mask", mask, ndim=2)
+        if tuple(mask.shape) != (B, L):
+            raise ValueError(f"mask must have shape (B, L) = {(B, L)}, got {tuple(mask.shape)}")
+        if mask.device != hidden.device:
+            raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
+        counted = mask != 0
+        index = torch.nonzero(counted.reshape(-1)).squeeze(1)  # one host sync on a GPU: sizes the gather
+        if index.numel() == B * L:
+            index = None
     inv_t = 1.0 / check_float("temperature", temperature, low=0.0, low_inclusive=False)
     backend = resolve_backend(backend, hidden.device)
     chunk = _check_chunk(chunk_size, B, L, H, V, hidden.dtype, hidden.device)
-    flat_ids = check_ids("ids", ids, V).reshape(-1).contiguous()
+    flat_ids = check_ids("ids", ids, V, counted).reshape(-1).contiguous()
     out, *_ = _fused_linear(hidden.reshape(B * L, H), weight, bias, None, flat_ids, inv_t, backend,
-                            (False, False, False), chunk)
+                            (False, False, False), chunk, index)
     return out["logp"].view(B, L)

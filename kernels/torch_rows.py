@@ -44,14 +44,20 @@ def _grad_from_exp_(s: torch.Tensor, ids: torch.Tensor, row_sum, coef, inv_t: fl
     s.mul_((-scale / row_sum).unsqueeze(1))
     s.scatter_add_(1, ids.unsqueeze(1), scale.to(s.dtype).unsqueeze(1))
     bad = ~torch.isfinite(row_shift)
-    if bool(bad.any()):  # only rows of garbage logits (all -inf, +inf, NaN) can make NaN here
+    # only rows of garbage logits (all -inf, +inf, NaN) can make NaN here; the test is free on the CPU,
+    # elsewhere the fill always runs (no host sync)
+    if s.device.type != "cpu" or bool(bad.any()):
         s.masked_fill_((bad & (scale == 0)).unsqueeze(1), 0.0)
     if dx is not s:
         dx.copy_(s)
 
 
-def logprob_rows(x: torch.Tensor, ids: torch.Tensor, inv_t: float, lse_out, logp_out, scratch: bool = False):
-    """lse_out[i] = logsumexp(x_i * inv_t); logp_out[i] = x_i[ids_i] * inv_t - lse_out[i]."""
+def logprob_rows(x: torch.Tensor, ids: torch.Tensor, inv_t: float, lse_out, logp_out, scratch: bool = False,
+                 mask=None):
+    """lse_out[i] = logsumexp(x_i * inv_t); logp_out[i] = x_i[ids_i] * inv_t - lse_out[i].
+
+    mask must be None: the callers gather the counted rows before calling the torch path."""
+    assert mask is None, "the torch path takes gathered rows"
     s = _scratch(x, scratch)
     target, _, _, lse = _exp_rows_(s, ids, inv_t)
     lse_out.copy_(lse)

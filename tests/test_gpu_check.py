@@ -16,7 +16,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 STEPS = ["versions", "wheels", "build", "tests_frame_to_patch", "tests_kernels_7b", "data", "tgrpo_fsdp2", "sft_fsdp2",
-         "eval", "tgrpo_zero3", "sft_zero3", "bench_grpo_loss", "bench_frame_to_patch"]
+         "eval", "tgrpo_zero3", "sft_zero3", "bench_grpo_loss", "sweep_row_kernel", "bench_frame_to_patch"]
 GPU_STEPS = STEPS[2:]
 
 
@@ -85,7 +85,7 @@ def test_dry_run_lists_every_step_and_skips_every_gpu_step(dry):
     assert "DRY RUN" in proc.stdout
     for name in STEPS:
         assert name in proc.stdout
-    assert "2 PASS, 0 FAIL, 11 SKIP" in proc.stdout
+    assert "2 PASS, 0 FAIL, 12 SKIP" in proc.stdout
 
 
 def test_dry_run_records_the_commands_the_gpu_runs(dry):
@@ -107,6 +107,8 @@ def test_dry_run_records_the_commands_the_gpu_runs(dry):
     assert "-m videor1.eval" in steps["eval"]["command"] and "--limit 16" in steps["eval"]["command"]
     assert "--n 32 --seed 0 --frames 8" in steps["data"]["command"]
     assert "--sizes 8192" in steps["bench_grpo_loss"]["command"] and "--time-box" in steps["bench_grpo_loss"]["command"]
+    assert "--mask both" in steps["bench_grpo_loss"]["command"] and "trl-chunked" in steps["bench_grpo_loss"]["command"]
+    assert "benchmarks/sweep_row_kernel.py" in steps["sweep_row_kernel"]["command"]
     assert "--cuda-only" in steps["bench_frame_to_patch"]["command"]
 
 

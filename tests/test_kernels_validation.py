@@ -37,7 +37,9 @@ def call_grpo_loss(d, **over):
     (lambda d: dict(completion_ids=d["ids"] + V), r"completion_ids must lie in \[0, 11\)"),
     (lambda d: dict(completion_ids=d["ids"] - V), r"completion_ids must lie in \[0, 11\)"),
     (lambda d: dict(completion_ids=d["ids"].float()), "completion_ids must be an integer tensor"),
-    (lambda d: dict(completion_ids=d["ids"][:, :2]), r"completion_ids must have shape \(B, L\)"),
+    (lambda d: dict(completion_ids=d["ids"][:, :1]), r"logits must have shape \(B, L, V\) or the model's full "
+     r"\(B, L \+ 1, V\) for completion_ids of shape \(B, L\) = \(2, 1\); got logits of shape \(2, 3, 11\)"),
+    (lambda d: dict(completion_ids=d["ids"][:1]), r"for completion_ids of shape \(B, L\) = \(1, 3\)"),
     (lambda d: dict(completion_mask=d["mask"][:1]), r"completion_mask must have shape \(B, L\)"),
     (lambda d: dict(advantages=d["adv"][:1]), r"advantages must have shape \(B,\)"),
     (lambda d: dict(advantages=d["adv"][:, None]), "advantages must have 1 dimensions"),
@@ -93,7 +95,7 @@ def test_selective_logprobs_reject_bad_ids_and_shapes():
     d = batch()
     with pytest.raises(ValueError, match=r"ids must lie in \[0, 11\)"):
         kernels.selective_logprobs(d["logits"], d["ids"] + V, backend="torch")
-    with pytest.raises(ValueError, match=r"ids must have shape \(B, L\)"):
+    with pytest.raises(ValueError, match=r"for ids of shape \(B, L\) = \(1, 3\); got logits of shape \(2, 3, 11\)"):
         kernels.selective_logprobs(d["logits"], d["ids"][:1], backend="torch")
     with pytest.raises(ValueError, match=r"ids must lie in \[0, 11\)"):
         kernels.linear_selective_logprobs(d["hidden"], d["weight"], d["ids"] - V, backend="torch")

@@ -39,7 +39,8 @@ def with_mm_token_types(model_inputs: dict, config) -> dict:
 class PolicyModule(nn.Module):
     """Wraps a Qwen2.5-VL `*ForConditionalGeneration` (`.model` trunk + `.lm_head`).
 
-    forward(mode="logprobs") -> float32 [B, C] per-token log-probs of `completion_ids` (no grad).
+    forward(mode="logprobs") -> float32 [B, C] per-token log-probs of `completion_ids` (no grad; 0 where
+        completion_mask, if given, is 0).
     forward(mode="loss", advantages=..., completion_mask=..., loss_kwargs=...) -> (loss, metrics)
         via kernels.linear_grpo_loss.
     forward(mode="sft", label_mask=...) -> (mean token cross-entropy, number of label tokens); only
@@ -73,8 +74,9 @@ class PolicyModule(nn.Module):
         weight = self.hf.lm_head.weight
         bias = getattr(self.hf.lm_head, "bias", None)
         if mode == "logprobs":
-            return kernels.linear_selective_logprobs(
-                hidden, weight, completion_ids, bias=bias, temperature=self.temperature, backend=self.kernel_backend
+            return kernels.linear_selective_logprobs(  # padding never meets the lm_head; it gets 0
+                hidden, weight, completion_ids, bias=bias, temperature=self.temperature, mask=completion_mask,
+                backend=self.kernel_backend,
             )
         if mode != "loss":
             raise ValueError(f"mode must be 'loss' or 'logprobs', got {mode!r}")

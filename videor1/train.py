@@ -245,9 +245,9 @@ def reference_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> 
             inputs = training_inputs(g.prompt, g.completion_ids, g.mask)
             P = g.prompt.input_ids.numel()
             if ctx.reference is not None:
-                g.ref_logprobs = ctx.reference(inputs, P, g.completion_ids, mode="logprobs")
+                g.ref_logprobs = ctx.reference(inputs, P, g.completion_ids, mode="logprobs", completion_mask=g.mask)
             if ctx.cfg.algo.num_iterations > 1:
-                g.old_logprobs = ctx.policy(inputs, P, g.completion_ids, mode="logprobs")
+                g.old_logprobs = ctx.policy(inputs, P, g.completion_ids, mode="logprobs", completion_mask=g.mask)
 
 
 @dataclasses.dataclass
