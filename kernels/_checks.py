@@ -35,6 +35,18 @@ def check_tensor(name: str, t, ndim: int | None = None, dtypes=None) -> torch.Te
     return t
 
 
+def host_reads_free(t: torch.Tensor) -> bool:
+    """Whether reading t's values on the host is free: a CPU tensor with data (no device to sync with).
+
+    Fake tensors (torch's FakeTensorMode, as benchmarks/simulate_7b.py runs a 7B step without GPUs)
+    have shapes and no data: never read."""
+    if t.device.type != "cpu":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
+
 def check_ids(name: str, ids: torch.Tensor, vocab_size: int, mask: torch.Tensor | None = None,
               on_device: bool | None = None) -> torch.Tensor:
     """ids must be integers in [0, V) wherever they are counted; masked positions become 0.
@@ -49,8 +61,8 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int, mask: torch.Tensor 
         ids = torch.where(mask, ids, torch.zeros_like(ids))
     if ids.numel() == 0:
         return ids
-    if on_device is None:
-        on_device = ids.device.type == "cuda"
+    if on_device is None:  # a GPU, or fake tensors (no data to read)
+        on_device = ids.device.type == "cuda" or (ids.device.type == "cpu" and not host_reads_free(ids))
     if on_device:
         torch._assert_async(((ids >= 0) & (ids < vocab_size)).all(),
                             f"{name} must lie in [0, {vocab_size}) (the vocabulary size) where counted")
@@ -138,7 +150,12 @@ class Prepared:
         """Flat indices [M] of the counted tokens, or None when every token counts.
 
         Sizing the gather needs M on the host: one synchronisation on a GPU (the only one of the
-        fused-linear path)."""
+        fused-linear path). Fake tensors have no data: every token is taken as counted (an upper
+        bound of the work, for simulations)."""
+        from torch._subclasses.fake_tensor import is_fake
+
+        if is_fake(self.tok.mask):
+            return None
         index = torch.nonzero(self.tok.mask).squeeze(1)
         return None if index.numel() == self.tok.mask.numel() else index
 

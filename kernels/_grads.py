@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import host_reads_free
+
 
 def save_grads(ctx, *grads: torch.Tensor | None) -> None:
     ctx.save_for_backward(*grads)
@@ -24,7 +26,7 @@ def save_grads(ctx, *grads: torch.Tensor | None) -> None:
 
 def scale_buffer_(t: torch.Tensor, ratio: torch.Tensor, backend: str) -> None:
     """t *= ratio in place (ratio: a one-element tensor), without a host sync on CUDA."""
-    if ratio.device.type == "cpu" and t.device.type == "cpu":
+    if host_reads_free(ratio) and host_reads_free(t):
         r = float(ratio)
         if r != 1.0:
             t.data.mul_(r)  # .data: our own buffer; no version bump to trip the saved-tensor check
@@ -42,7 +44,7 @@ def hand_over(ctx, grad_output: torch.Tensor | None, backend: str = "torch") -> 
     if grad_output is None:
         return [None] * len(grads)
     g = grad_output.detach().reshape(())
-    if g.device.type == "cpu" and float(g) == 0.0:
+    if host_reads_free(g) and float(g) == 0.0:
         return [None] * len(grads)  # zero gradient; the buffers keep their scale for a retained graph
     # (on a GPU a zero grad_output zeroes the buffers: a later backward of the same retained graph then gives NaN)
     ratio = g if ctx.grad_scale is None else g / ctx.grad_scale

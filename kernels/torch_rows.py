@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import Hyper, Tokens, compute_dtype
+from ._checks import Hyper, Tokens, compute_dtype, host_reads_free
 from ._math import token_terms
 
 
@@ -46,7 +46,7 @@ def _grad_from_exp_(s: torch.Tensor, ids: torch.Tensor, row_sum, coef, inv_t: fl
     bad = ~torch.isfinite(row_shift)
     # only rows of garbage logits (all -inf, +inf, NaN) can make NaN here; the test is free on the CPU,
     # elsewhere the fill always runs (no host sync)
-    if s.device.type != "cpu" or bool(bad.any()):
+    if not host_reads_free(s) or bool(bad.any()):
         s.masked_fill_((bad & (scale == 0)).unsqueeze(1), 0.0)
     if dx is not s:
         dx.copy_(s)

@@ -108,6 +108,18 @@ class _MovesInputs:
     def generate(self, **kwargs):
         return self.module.generate(**{k: self._move(v) for k, v in kwargs.items()})
 
+    # the engines yield the nn.Module itself: the trainer switches it to eval mode to sample
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
 
 class StandInEngine:
     """videor1.engine's interface around a module on `device`, in one of two behaviours:

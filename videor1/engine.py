@@ -73,13 +73,16 @@ def _adamw(cfg: Config, params) -> torch.optim.Optimizer:
 class FSDP2Engine:
     """torch FSDP2: fully_shard per decoder layer and vision block, then the root; AdamW on DTensors."""
 
-    def __init__(self, cfg: Config, module: nn.Module, num_training_steps: int, trainable: bool = True):
+    def __init__(self, cfg: Config, module: nn.Module, num_training_steps: int, trainable: bool = True,
+                 mesh=None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         self.cfg = cfg
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        mesh = init_device_mesh(device_type, (D.world_size(),))
+        if mesh is None:  # benchmarks/simulate_7b.py passes one made before it enters fake-tensor mode
+            mesh = init_device_mesh(device_type, (D.world_size(),))
+        device_type = mesh.device_type
         # fully_shard moves the parameters to the mesh's device: this rank's current CUDA device.
         self.device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
         mp = None
@@ -95,13 +98,19 @@ class FSDP2Engine:
         fully_shard(module, **root)
         register_fsdp_forward_method(module, "generate")
         self.module = module
+        self.trainable = trainable
         self.optimizer = self.scheduler = None
         if trainable:
             self.optimizer = _adamw(cfg, [p for p in module.parameters() if p.requires_grad])
             self.scheduler = _scheduler(cfg, self.optimizer, num_training_steps)
 
     def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        out = self.module(*args, **kwargs)
+        if not self.trainable:
+            # FSDP2 keeps the root's parameters (embeddings, lm_head: 2.2 GB in bf16 at 7B) gathered after
+            # forward, expecting a backward; a frozen reference has none (benchmarks/simulate_7b.py)
+            self.module.reshard()
+        return out
 
     def _fsdp_modules(self) -> list[nn.Module]:
         from torch.distributed.fsdp import FSDPModule
@@ -308,14 +317,18 @@ def hf_deepspeed_context(ds_config: dict):
 
 
 def build_engine(cfg: Config, module: nn.Module, num_training_steps: int, micro_batches_per_step: int,
-                 trainable: bool = True, ds_config: dict | None = None):
-    """Wrap `module` (a PolicyModule) in the configured engine."""
+                 trainable: bool = True, ds_config: dict | None = None, mesh=None):
+    """Wrap `module` (a PolicyModule) in the configured engine (FSDP2: on `mesh`, default one over
+    the world on this rank's device)."""
+    # from_pretrained leaves a model in eval mode, and transformers' activation checkpointing only runs
+    # in training mode: without train(), the 7B config's checkpointing would silently do nothing.
+    module.train(trainable)
     if cfg.model.gradient_checkpointing and trainable:
         module.hf.activation_checkpointing_enable()
     if cfg.train.engine == "fsdp2":
         if not dist.is_initialized():
             raise RuntimeError("the fsdp2 engine needs torch.distributed: launch with torchrun")
-        return FSDP2Engine(cfg, module, num_training_steps, trainable=trainable)
+        return FSDP2Engine(cfg, module, num_training_steps, trainable=trainable, mesh=mesh)
     if ds_config is None:
         ds_config = load_deepspeed_config(cfg, micro_batches_per_step)
     return DeepSpeedEngine(cfg, module, num_training_steps, micro_batches_per_step, ds_config, trainable=trainable)

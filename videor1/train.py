@@ -17,6 +17,7 @@ if __name__ == "__main__":  # run as a script: don't let videor1/*.py shadow top
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -186,6 +187,18 @@ def loss_scale(cfg: Config, group: Group, groups: list[Group], global_tokens: fl
     return 1.0, {"num_items": max(1.0, global_tokens) / D.world_size()}
 
 
+@contextlib.contextmanager
+def sampling_mode(model):
+    """The model in eval mode while it samples: with activation checkpointing on, transformers turns
+    the KV cache off for a module in training mode (every token would recompute the whole prefix)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> list[Group]:
     """G rollouts per prompt on ordered frames (+ Gs on shuffled frames for videos), scored.
 
@@ -195,7 +208,7 @@ def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> 
     all zero (TRL: they are still scored and still count in their group's advantages)."""
     cfg, G, Gs = ctx.cfg, ctx.cfg.rollout.num_generations, ctx.num_shuffled
     groups: list[Group] = []
-    with timer("rollout"), ctx.policy.full_weights() as model:
+    with timer("rollout"), ctx.policy.full_weights() as model, sampling_mode(model):
         for p in prompts:
             p = p.to(ctx.policy.device)
             ids, mask = generate(model, p, p.vision, G, cfg.rollout, ctx.eos_ids, ctx.pad_id,
