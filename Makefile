@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 TRITON_ENV = TRITON_INTERPRET=$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean gpu-check gpu-wheels
+.PHONY: setup test demo bench simulate clean gpu-check gpu-wheels
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -42,6 +42,12 @@ demo: setup
 bench: setup
 	$(TRITON_ENV) $(PY) benchmarks/bench_grpo_loss.py
 	$(PY) benchmarks/bench_frame_to_patch.py
+
+# One T-GRPO step of Qwen2.5-VL-7B on a fake world of 8 GPUs (fake tensors): memory by phase and category,
+# FLOPs, and (--fit) the longest completion that fits 80 GB. A few minutes on 2 cores.
+SIMULATE_ARGS ?= --fit
+simulate: setup
+	$(PY) benchmarks/simulate_7b.py $(SIMULATE_ARGS)
 
 # The borrowed-GPU check (benchmarks/gpu_check.py): runs on the python it is given, never creates a venv and
 # never downloads. `make gpu-check PYTHON=python3` on the GPU machine (<= 10 min; exit 2 without a GPU);

@@ -744,7 +744,7 @@ def write_video(path: str, frames: np.ndarray, fps: int, crf: int = CRF) -> None
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}  # x264's own thread pool too
+        stream.options = {"crf": str(crf), "preset": "medium"}
         for t, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts, frame.time_base = t, Fraction(1, fps)
