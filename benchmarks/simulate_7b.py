@@ -335,13 +335,18 @@ def run_step(s: dict, meter) -> None:
     policy, reference, mode, g, cfg = s["policy"], s["reference"], s["mode"], s["g"], s["cfg"]
     P, C, G, batch, style = s["P"], s["C"], s["G"], s["batch"], s["style"]
 
+    # the engine-specific parts (simulate_7b_zero3.py passes its own): a KV-cache forward of the gathered
+    # model, and the optimiser step
+    forward = s.get("rollout_forward") or (lambda module, inputs, cache: module.sim_forward(inputs, cache))
+    optimizer_step = s.get("optimizer_step") or (lambda: local_optimizer_step(s))
+
     def rollout_once(module):
         meter.call()
         cache = StaticCache(config=s["hf_config"], max_cache_len=P + C)
-        module.sim_forward(model_inputs(mode, g, slice(0, P)), cache)
+        forward(module, model_inputs(mode, g, slice(0, P)), cache)
         meter.call()
         with meter.phase("decode step") if isinstance(meter, FlopMeter) else contextlib.nullcontext():
-            module.sim_forward({"input_ids": g["ids"][:, P:P + 1], "position_ids": g["pos"][:, :, P:P + 1]}, cache)
+            forward(module, {"input_ids": g["ids"][:, P:P + 1], "position_ids": g["pos"][:, :, P:P + 1]}, cache)
 
     # rollout: full weights gathered once; per prompt the prefill of G sequences into a KV cache sized for
     # prompt + completion and one decode step, in eval mode and without grad as the trainer samples
@@ -379,13 +384,19 @@ def run_step(s: dict, meter) -> None:
             policy.backward(loss / batch)
             del loss
     with meter.phase("optimizer"), torch.no_grad():
-        local = s["local_params"]
-        for lp, p in zip(local, s["dtensor_params"]):
-            lp.grad = p.grad._local_tensor
-        torch.nn.utils.clip_grad_norm_(local, cfg.optim.max_grad_norm)
-        s["local_optimizer"].step()
-        s["local_optimizer"].zero_grad(set_to_none=True)
-        policy.optimizer.zero_grad(set_to_none=True)
+        meter.call()
+        optimizer_step()
+
+
+def local_optimizer_step(s: dict) -> None:
+    """Clip and AdamW on the local shards (see local_optimizer), then zero every gradient."""
+    local = s["local_params"]
+    for lp, p in zip(local, s["dtensor_params"]):
+        lp.grad = p.grad._local_tensor
+    torch.nn.utils.clip_grad_norm_(local, s["cfg"].optim.max_grad_norm)
+    s["local_optimizer"].step()
+    s["local_optimizer"].zero_grad(set_to_none=True)
+    s["policy"].optimizer.zero_grad(set_to_none=True)
 
 
 def local_optimizer(cfg, policy):

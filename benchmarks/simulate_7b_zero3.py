@@ -313,50 +313,16 @@ def init_optimizer_states(policy) -> None:
 # ---- one step ---------------------------------------------------------------------------------------------
 
 def run_step(s: dict, meter) -> None:
-    """simulate_7b.run_step's phases ("ours" style) on the DeepSpeed engines."""
-    from transformers import StaticCache
+    """simulate_7b.run_step's phases ("ours" style) on the DeepSpeed engines: the rollout's forwards go
+    straight through the HF model (full_weights detaches ZeRO-3's module hooks while every partition is
+    gathered: no hooks left to route through the engine's root), and the step is DeepSpeed's own (reduce,
+    clip, AdamW on the fp32 partitions, copy to the bf16 partitions, zero the gradients; see the module
+    docstring for why not videor1's DeepSpeedEngine.step)."""
+    def forward(module, inputs: dict, cache):
+        return module.hf(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
 
-    from videor1.train import sampling_mode
-
-    policy, reference, mode, g, cfg = s["policy"], s["reference"], s["mode"], s["g"], s["cfg"]
-    P, C, G, batch = s["P"], s["C"], s["G"], s["batch"]
-
-    # rollout: every partition gathered once (full_weights detaches ZeRO-3's module hooks while they are
-    # held), then per prompt the prefill of G sequences into a StaticCache sized prompt + completion and
-    # one decode step, straight through the HF model (no hooks left to route through the engine's root)
-    with meter.phase("rollout"), torch.no_grad(), policy.full_weights() as module, sampling_mode(module):
-        for _ in range(batch):
-            meter.call()
-            cache = StaticCache(config=s["hf_config"], max_cache_len=P + C)
-            module.hf(**sim.model_inputs(mode, g, slice(0, P)), cache=cache, use_cache=True, logits_to_keep=1)
-            meter.call()
-            module.hf(input_ids=g["ids"][:, P:P + 1], position_ids=g["pos"][:, :, P:P + 1], cache=cache,
-                      use_cache=True, logits_to_keep=1)
-            del cache
-    completion_ids = g["ids"][:, P:]
-    adv = torch.zeros(G)
-    mask = torch.ones(G, C, dtype=torch.long)
-    kw = dict(beta=cfg.algo.beta, eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high, loss_type=cfg.algo.loss_type,
-              importance_level=cfg.algo.importance_level, kl_clamp=cfg.algo.kl_clamp, max_completion_length=C)
-    ref_logps = []
-    with meter.phase("reference"), torch.no_grad():
-        for _ in range(batch):
-            meter.call()
-            if reference is not None:
-                ref_logps.append(reference(sim.model_inputs(mode, g), P, completion_ids, mode="logprobs"))
-    with meter.phase("policy"):
-        for i in range(batch):
-            meter.call()
-            ref = ref_logps[i] if ref_logps else None
-            loss, _ = policy(sim.model_inputs(mode, g), P, completion_ids, mode="loss", advantages=adv,
-                             completion_mask=mask, loss_kwargs=dict(kw, ref_logprobs=ref))
-            policy.backward(loss / batch)
-            del loss
-    with meter.phase("optimizer"), torch.no_grad():
-        meter.call()
-        # DeepSpeed's step: reduce, clip, AdamW on the fp32 partitions, copy to the bf16 partitions,
-        # zero the gradients (see the module docstring for why not videor1's DeepSpeedEngine.step)
-        policy.engine.step()
+    sim.run_step({**s, "style": "ours", "rollout_forward": forward, "optimizer_step": s["policy"].engine.step},
+                 meter)
 
 
 def simulate_zero3(layers: int = 28, vision_depth: int = 32, per_device_batch: int = 2, completion_len: int = 768,

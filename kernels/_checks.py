@@ -73,6 +73,18 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int, mask: torch.Tensor 
     return ids
 
 
+def check_mask(mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device, against: str):
+    """An optional [B, L] mask (nonzero = counted) as a bool tensor, or None."""
+    if mask is None:
+        return None
+    check_tensor("mask", mask, ndim=2)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask must have shape (B, L) = {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but {against} is on {device}")
+    return mask != 0
+
+
 def check_float(name: str, value, low: float | None = None, low_inclusive: bool = True) -> float:
     try:
         value = float(value)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from . import torch_rows
-from ._checks import FLOAT_DTYPES, Prepared, check_ids, check_tensor, compute_dtype, prepare_grpo, resolve_backend
+from ._checks import (FLOAT_DTYPES, Prepared, check_ids, check_mask, check_tensor, compute_dtype, prepare_grpo,
+                      resolve_backend)
 from ._grads import hand_over, save_grads
 from ._math import finish, sequence_terms
 
@@ -290,14 +291,7 @@ def selective_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: flo
     B, L, V = _check_logits(logits, ids, "ids")
     if ids.device != logits.device:
         raise ValueError(f"ids is on {ids.device} but logits is on {logits.device}")
-    counted = None
-    if mask is not None:
-        check_tensor("mask", mask, ndim=2)
-        if tuple(mask.shape) != (B, L):
-            raise ValueError(f"mask must have shape (B, L) = {(B, L)}, got {tuple(mask.shape)}")
-        if mask.device != logits.device:
-            raise ValueError(f"mask is on {mask.device} but logits is on {logits.device}")
-        counted = mask != 0
+    counted = check_mask(mask, (B, L), logits.device, "logits")
     inv_t = 1.0 / check_float("temperature", temperature, low=0.0, low_inclusive=False)
     backend = resolve_backend(backend, logits.device)
     flat_ids = check_ids("ids", ids, V, counted).reshape(-1).contiguous()

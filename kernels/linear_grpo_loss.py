@@ -26,8 +26,8 @@ import warnings
 
 import torch
 
-from ._checks import (FLOAT_DTYPES, Prepared, check_float, check_ids, check_tensor, compute_dtype, prepare_grpo,
-                      resolve_backend)
+from ._checks import (FLOAT_DTYPES, Prepared, check_float, check_ids, check_mask, check_tensor, compute_dtype,
+                      prepare_grpo, resolve_backend)
 from ._grads import hand_over, save_grads
 from ._math import finish, sequence_terms
 from .grpo_loss import _empty_out, rows_impl
@@ -363,14 +363,8 @@ def linear_selective_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: t
         raise ValueError(f"ids must have shape (B, L) = {(B, L)}, got {tuple(ids.shape)}")
     if ids.device != hidden.device:
         raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
-    index, counted = None, None
-    if mask is not None:
-        check_tensor("mask", mask, ndim=2)
-        if tuple(mask.shape) != (B, L):
-            raise ValueError(f"mask must have shape (B, L) = {(B, L)}, got {tuple(mask.shape)}")
-        if mask.device != hidden.device:
-            raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
-        counted = mask != 0
+    index, counted = None, check_mask(mask, (B, L), hidden.device, "hidden")
+    if counted is not None:
         index = torch.nonzero(counted.reshape(-1)).squeeze(1)  # one host sync on a GPU: sizes the gather
         if index.numel() == B * L:
             index = None
