@@ -496,16 +496,16 @@ CATEGORY_ORDER = ["Sharded Param", REFERENCE_CATEGORY, "Unsharded Param", "Buffe
                   "Activation", "Temp", "All Gather", "Reduce Scatter", "Inputs"]
 
 
-def table(res: dict) -> str:
+def table(res: dict, order: list[str] = CATEGORY_ORDER) -> str:
+    """The per-phase peaks as a markdown table, categories in `order` (those that are ever nonzero), GB."""
     phases = list(res["peaks"])
     lines = ["| per GPU, at each phase's peak (GB) | " + " | ".join(phases) + " |",
              "|---|" + "---:|" * len(phases)]
-    cats = [c for c in CATEGORY_ORDER if any(res["peaks"][p].get(c, 0) for p in phases)]
+    cats = [c for c in order if any(res["peaks"][p].get(c, 0) for p in phases)]
     for c in cats + ["Total"]:
         vals = [res["peaks"][p].get(c, 0) / GB for p in phases]
-        name = f"**{c}**" if c == "Total" else c
-        lines.append(f"| {name} | " + " | ".join(f"{'**' if c == 'Total' else ''}{v:.2f}{'**' if c == 'Total' else ''}"
-                                              for v in vals) + " |")
+        b = "**" if c == "Total" else ""
+        lines.append(f"| {b}{c}{b} | " + " | ".join(f"{b}{v:.2f}{b}" for v in vals) + " |")
     return "\n".join(lines)
 
 

@@ -415,19 +415,6 @@ def simulate_zero3(layers: int = 28, vision_depth: int = 32, per_device_batch: i
 
 # ---- report ---------------------------------------------------------------------------------------------
 
-def table(res: dict) -> str:
-    """simulate_7b.table with ZeRO-3's categories."""
-    phases = list(res["peaks"])
-    lines = ["| per GPU, at each phase's peak (GB) | " + " | ".join(phases) + " |",
-             "|---|" + "---:|" * len(phases)]
-    cats = [c for c in CATEGORY_ORDER if any(res["peaks"][p].get(c, 0) for p in phases)]
-    for c in cats + ["Total"]:
-        vals = [res["peaks"][p].get(c, 0) / GB for p in phases]
-        b = "**" if c == "Total" else ""
-        lines.append(f"| {b}{c}{b} | " + " | ".join(f"{b}{v:.2f}{b}" for v in vals) + " |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=28)
@@ -445,7 +432,7 @@ def main(argv=None):
           f"layers, vision depth {res['vision_depth']}) over {res['world']} fake ranks, per-device batch "
           f"{res['per_device_batch']}, G = {res['G']}, {res['video_tokens']} video tokens ({res['frame_hw'][0]}x"
           f"{res['frame_hw'][1]}), prompt {res['prompt_len']}, completions {res['completion_len']}  [{res['seconds']} s]")
-    print(table(res))
+    print(sim.table(res, CATEGORY_ORDER))
     print(f"({'the first step' if res['first_step'] else 'a step after the first (AdamW moments held throughout)'}; "
           f"before the step: {res['after_build'].get('Total', 0) / GB:.2f} GB; "
           f"{res['persistent_params'] / 1e6:.2f} M parameters persistent (never partitioned away, "

@@ -46,6 +46,11 @@ def _empty_out(n: int, cdt: torch.dtype, device) -> dict:
     return {k: torch.empty(n, dtype=cdt, device=device) for k in ("lse", "logp", "loss", "kl", "clip", "coef")}
 
 
+def completion_rows(logits: torch.Tensor, L: int) -> torch.Tensor:
+    """The [B, L, V] rows that predict the completion: logits itself, or a view of the full [B, L + 1, V]."""
+    return logits if logits.shape[1] == L else logits[:, :L]
+
+
 def row_runs(mask: torch.Tensor | None, B: int, L: int, rows_per_block: int, counted: bool = True):
     """(b, l0, l1) blocks of at most rows_per_block rows, each inside one sequence, covering the counted
     rows (counted=True) or the masked ones (False) of a [B, L] mask (None = every row counted).
@@ -71,7 +76,8 @@ def _forward_rows(x, prep: Prepared, backend: str, out: dict, write_dx: bool):
     """Fill out (the [N] per-token tensors) from the logits view x [B, L, V]; with write_dx, x receives the gradient.
 
     Triton: one launch over every row, the masked ones skipped inside the kernel. Torch: the runs of
-    counted rows, block by block (row_runs); masked rows keep zeros."""
+    counted rows, block by block (row_runs); masked rows keep zeros. Returns (counted runs, masked runs)
+    on the torch path (for the backward: the mask is read once), None on the Triton path."""
     rows = rows_impl(backend)
     hp, tok = prep.hp, prep.tok
     B, L, V = x.shape
@@ -83,9 +89,10 @@ def _forward_rows(x, prep: Prepared, backend: str, out: dict, write_dx: bool):
                 rows.dlogit_rows(x, tok.ids, out["lse"], out["coef"], hp.inv_temperature, dx=x)
         else:
             rows.loss_rows(x, tok, hp, out, dx=x if write_dx else None)
-        return
+        return None
     per_block = _torch_rows_per_block(V, x.dtype)
     runs = list(row_runs(tok.mask, B, L, per_block))
+    masked = list(row_runs(tok.mask, B, L, L, counted=False))
     for v in out.values():
         v.zero_()  # masked tokens: exact zeros
     for b, l0, l1 in runs:
@@ -104,8 +111,9 @@ def _forward_rows(x, prep: Prepared, backend: str, out: dict, write_dx: bool):
                 xb = x[b, l0:l1]
                 rows.dlogit_rows(xb, tok.ids[r0:r1], out["lse"][r0:r1], out["coef"][r0:r1], hp.inv_temperature, dx=xb)
     if write_dx:  # the gradient of a masked token is 0
-        for b, l0, l1 in row_runs(tok.mask, B, L, L, counted=False):
+        for b, l0, l1 in masked:
             x[b, l0:l1].zero_()
+    return runs, masked
 
 
 def _zero_tail(full: torch.Tensor, L: int) -> None:
@@ -120,34 +128,34 @@ class _GRPOLogitsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, prep: Prepared, backend: str, want_grad: bool):
         L = prep.length
-        x = logits[:, :L] if logits.shape[1] != L else logits
+        x = completion_rows(logits, L)
         out = _empty_out(prep.batch * L, compute_dtype(logits.dtype), logits.device)
-        _forward_rows(x, prep, backend, out, False)
+        ctx.runs = _forward_rows(x, prep, backend, out, False)
         loss, metrics = finish(out["loss"], out["kl"], out["clip"], prep)
         kl, clip = metrics["kl"], metrics["clip_ratio"]
         ctx.mark_non_differentiable(kl, clip)
         ctx.backend, ctx.inv_t, ctx.length = backend, prep.hp.inv_temperature, L
         if want_grad:
-            ctx.save_for_backward(logits, prep.tok.ids, out["lse"], out["coef"], prep.tok.mask)
+            ctx.save_for_backward(logits, prep.tok.ids, out["lse"], out["coef"])
         return loss, kl, clip
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        logits, ids, lse, coef, mask = ctx.saved_tensors
+        logits, ids, lse, coef = ctx.saved_tensors
         rows = rows_impl(ctx.backend)
         L = ctx.length
-        x = logits[:, :L] if logits.shape[1] != L else logits
+        x = completion_rows(logits, L)
         coef = coef * grad_loss.to(coef.dtype)  # a tensor product: no host sync
-        B, V = logits.shape[0], logits.shape[-1]
         dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         _zero_tail(dlogits, L)
         if ctx.backend == "triton":  # every row: masked ones are written as zeros without reading logits
             rows.dlogit_rows(x, ids, lse, coef, ctx.inv_t, dx=dlogits[:, :L])
             return dlogits, None, None, None
-        for b, l0, l1 in row_runs(mask, B, L, _torch_rows_per_block(V, logits.dtype)):
+        runs, masked = ctx.runs
+        for b, l0, l1 in runs:
             r0, r1 = b * L + l0, b * L + l1
             rows.dlogit_rows(x[b, l0:l1], ids[r0:r1], lse[r0:r1], coef[r0:r1], ctx.inv_t, dx=dlogits[b, l0:l1])
-        for b, l0, l1 in row_runs(mask, B, L, L, counted=False):
+        for b, l0, l1 in masked:
             dlogits[b, l0:l1].zero_()
         return dlogits, None, None, None
 
@@ -161,7 +169,7 @@ class _GRPOInplaceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, prep: Prepared, backend: str, side: dict):
         L = prep.length
-        x = logits[:, :L] if logits.shape[1] != L else logits
+        x = completion_rows(logits, L)
         out = _empty_out(prep.batch * L, compute_dtype(logits.dtype), logits.device)
         _forward_rows(x, prep, backend, out, True)
         _zero_tail(logits, L)
@@ -295,7 +303,7 @@ def selective_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: flo
     inv_t = 1.0 / check_float("temperature", temperature, low=0.0, low_inclusive=False)
     backend = resolve_backend(backend, logits.device)
     flat_ids = check_ids("ids", ids, V, counted).reshape(-1).contiguous()
-    x = logits[:, :L] if logits.shape[1] != L else logits
+    x = completion_rows(logits, L)
     cdt = compute_dtype(logits.dtype)
     lse = torch.zeros(B * L, dtype=cdt, device=logits.device)
     logp = torch.zeros_like(lse)

@@ -208,8 +208,9 @@ def test_linear_garbage_hidden_in_masked_rows(backend, dtype, level):
                                        backend=backend, chunk_size=4, **kw)
     loss.backward()
     vtol, gtol = TOL[dtype]
-    gtol = max(gtol, 3e-2) if dtype == torch.bfloat16 else gtol * 3
-    assert abs(loss.item() - ref_loss.item()) <= vtol * max(1.0, abs(ref_loss.item())) * 3
+    if dtype == torch.bfloat16:  # the linear path's bf16 tolerance (tests/test_kernels_linear_grpo_loss.py)
+        gtol = 3e-2
+    assert abs(loss.item() - ref_loss.item()) <= vtol * max(1.0, abs(ref_loss.item()))
     assert (h.grad[~mask] == 0).all()
     for got, want in ((h.grad, h_r.grad), (w.grad, w_r.grad), (b.grad, b_r.grad)):
         assert torch.isfinite(got.float()).all()
@@ -355,7 +356,6 @@ def test_launch_under_the_tensors_device(monkeypatch):
 
 
 def test_launch_table():
-    assert triton_rows.launch_config.__doc__
     os.environ["TRITON_INTERPRET"] = "0"
     try:
         assert triton_rows.launch_config(152064, torch.bfloat16) == dict(BLOCK_V=4096, num_warps=8)
