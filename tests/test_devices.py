@@ -12,7 +12,7 @@ Before the fix (commit 743f2b8), the same flow raised at the first rollout or tr
   met CPU input_ids with the model's weights: `RuntimeError: Input tensor is not a lazy tensor:
   torch.LongTensor` (CUDA: "Expected all tensors to be on the same device");
 - fsdp2-like engine (the root pre-forward moves generate's inputs to the device, so completions come
-  back on the device): `rollout.training_inputs` concatenated the CPU prompt ids with the device
+  back on the device): `rollout.training_inputs` (now videor1.forward) concatenated the CPU prompt ids with the device
   completion ids: `RuntimeError: ... GetTensorList only supports lists of [lazy tensors]` (CUDA:
   "Expected all tensors to be on the same device"); with the length bonus on, `tgrpo.group_rewards`
   mixed CPU accuracies with device lengths first: `Input tensor is not a lazy tensor: CPUBoolType`;
@@ -49,6 +49,7 @@ def setup(tiny_ckpt, synth_data):
     d = cfg.data
     d.fps, d.video_min_pixels, d.video_max_pixels, d.image_min_pixels, d.image_max_pixels = 8.0, 3136, 3136, 3136, 3136
     cfg.rollout.num_generations, cfg.rollout.max_completion_length = 4, 5
+    cfg.train.shared_prefix = False  # the stand-in has no attention and no KV cache to share a prefix through
     import reward_plugins  # noqa: F401 - registers test_signal, a dense reward (non-zero advantages)
 
     cfg.algo.rewards = ["accuracy", "format", "test_signal"]

@@ -9,7 +9,8 @@ import torch
 
 from videor1.config import Config
 from videor1.policy import PolicyModule
-from videor1.rollout import completion_mask, prepare_prompt, training_inputs, vision_token_ids
+from videor1.forward import build_inputs
+from videor1.rollout import completion_mask, prepare_prompt, vision_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_generate_logprobs_equal_training_logprobs(setup, data_type):
     gen_logp = gen_logp.gather(-1, completion[..., None])[..., 0]
     mask = completion_mask(completion, eos_ids=[])
     with torch.no_grad():
-        train_logp = policy(training_inputs(prompt, completion, mask), ids.shape[1], completion, mode="logprobs")
+        train_logp = policy(build_inputs(prompt, completion, mask, shared=False), ids.shape[1], completion, mode="logprobs")
     assert torch.allclose(train_logp, gen_logp, atol=1e-4), (train_logp - gen_logp).abs().max()
     if data_type == "video":  # and the shuffled copy really is different input
         assert not torch.equal(prompt.shuffled_vision["pixel_values_videos"], prompt.vision["pixel_values_videos"])

@@ -147,6 +147,9 @@ class TrainConfig:
     report_to: str = _f("none", choices=("none", "tensorboard", "wandb"))
     log_completions: bool = False  # a sample of prompts, completions and rewards every logging step
     dist_timeout_s: float = _f(600.0, gt=0)  # a collective waiting longer (a dead rank) fails the job
+    # One packed [prompt; c1..cG] forward per prompt group (vision tower and prompt once, exact) in the
+    # policy, reference and old-log-prob passes, and one prefill per prompt in rollouts; false: G copies.
+    shared_prefix: bool = True
 
 
 @dataclass

@@ -97,6 +97,7 @@ class FSDP2Engine:
         root = kwargs if mp is None else {**kwargs, "mp_policy": dataclasses.replace(mp, cast_forward_inputs=False)}
         fully_shard(module, **root)
         register_fsdp_forward_method(module, "generate")
+        register_fsdp_forward_method(module, "prefill")  # rollouts' shared prefill (videor1.rollout.generate)
         self.module = module
         self.trainable = trainable
         self.optimizer = self.scheduler = None

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from videor1 import forward
 
 
 def with_mm_token_types(model_inputs: dict, config) -> dict:
@@ -57,12 +58,11 @@ class PolicyModule(nn.Module):
     def completion_hidden(self, model_inputs: dict, prompt_len: int, completion_len: int) -> torch.Tensor:
         """Last hidden states that predict the completion tokens: [B, C, H].
 
-        model_inputs holds input_ids [B, P + C] (prompt then completion), attention_mask and the
-        vision tensors; position t's hidden state predicts token t + 1, so the completion's
-        predictors are positions P - 1 .. P + C - 2.
+        model_inputs: either form of videor1.forward.build_inputs: the repeated one (input_ids
+        [B, P + C], attention_mask, the vision tensors B times) or the packed shared-prefix one
+        (input_ids [1, P + B*C], the vision tensors once, a PrefixLayout).
         """
-        out = self.hf.model(**with_mm_token_types(model_inputs, self.hf.config), use_cache=False, return_dict=True)
-        return out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + completion_len]
+        return forward.completion_hidden(self.hf, model_inputs, prompt_len, completion_len)
 
     def forward(self, model_inputs: dict, prompt_len: int = 0, completion_ids: torch.Tensor | None = None,
                 mode: str = "loss", advantages: torch.Tensor | None = None,
@@ -107,3 +107,27 @@ class PolicyModule(nn.Module):
 
     def generate(self, **kwargs):
         return self.hf.generate(**with_mm_token_types(kwargs, self.hf.config))
+
+    def prefill(self, input_ids: torch.Tensor, vision_inputs: dict, copies: int):
+        """prefill_cache on the wrapped model (a method, so FSDP2 runs its root hooks around it)."""
+        return prefill_cache(self.hf, input_ids, vision_inputs, copies)
+
+
+@torch.no_grad()
+def prefill_cache(hf_model, input_ids: torch.Tensor, vision_inputs: dict, copies: int):
+    """KV cache of one prompt's tokens, computed once (the vision tower included) and repeated to
+    `copies` sequences: a transformers DynamicCache with batch `copies`, for generate(cache=...).
+
+    hf_model: a Qwen2.5-VL *ForConditionalGeneration; input_ids int64 [1, T] (all but the prompt's
+    last token: generate feeds that one, so its first step has a token to sample from); vision_inputs:
+    the prompt's vision kwargs. The model's rope_deltas stay set from this prompt, so decoding
+    continues at max(prompt positions) + 1."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=hf_model.config)
+    hf_model.model.rope_deltas = None  # never the previous prompt's (a text-only prompt computes none)
+    inputs = with_mm_token_types({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                                  **vision_inputs}, hf_model.config)
+    hf_model.model(**inputs, cache=cache, use_cache=True, return_dict=True)
+    cache.batch_repeat_interleave(copies)
+    return cache

@@ -34,7 +34,8 @@ from videor1.data import load_rows
 from videor1.metrics import (MetricsLogger, StepTimer, check_report_to, peak_memory_gb, plot_curves, read_metrics,
                              summary_table)
 from videor1.rewards import get_reward, set_video_r1_compat
-from videor1.rollout import Prompt, decode, generate, training_inputs, truncated_completions, vision_token_ids
+from videor1.forward import build_inputs
+from videor1.rollout import Prompt, decode, generate, truncated_completions, vision_token_ids
 from videor1.sampler import PromptSampler
 from videor1.tgrpo import batch_reward_std, group_advantages, group_rewards, group_stats
 
@@ -212,7 +213,7 @@ def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> 
         for p in prompts:
             p = p.to(ctx.policy.device)
             ids, mask = generate(model, p, p.vision, G, cfg.rollout, ctx.eos_ids, ctx.pad_id,
-                                 suppress_ids=ctx.suppress_ids)
+                                 suppress_ids=ctx.suppress_ids, shared_prefill=cfg.train.shared_prefix)
             ids_cpu, mask_cpu = ids.cpu(), mask.cpu()
             texts = decode(ctx.tokenizer, ids_cpu, mask_cpu)
             g = Group(p, ids, mask, mask_cpu.sum(1), ctx.rewards(texts, p.row), texts=texts,
@@ -223,7 +224,7 @@ def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> 
                 g.loss_lengths = g.lengths * keep
             if cfg.algo.temporal and p.shuffled_vision is not None and Gs > 0:
                 s_ids, s_mask = generate(model, p, p.shuffled_vision, Gs, cfg.rollout, ctx.eos_ids, ctx.pad_id,
-                                         suppress_ids=ctx.suppress_ids)
+                                         suppress_ids=ctx.suppress_ids, shared_prefill=cfg.train.shared_prefix)
                 texts = decode(ctx.tokenizer, s_ids.cpu(), s_mask.cpu())
                 g.shuffled_accuracy = ctx.rewards(texts, p.row, only=("accuracy",))["accuracy"]
             groups.append(g)
@@ -255,7 +256,7 @@ def reference_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> 
     """Reference (and, when a batch is reused, old) log-probs of the completion positions (device)."""
     with timer("reference"), torch.no_grad():
         for g in groups:
-            inputs = training_inputs(g.prompt, g.completion_ids, g.mask)
+            inputs = build_inputs(g.prompt, g.completion_ids, g.mask, shared=ctx.cfg.train.shared_prefix)
             P = g.prompt.input_ids.numel()
             if ctx.reference is not None:
                 g.ref_logprobs = ctx.reference(inputs, P, g.completion_ids, mode="logprobs", completion_mask=g.mask)
@@ -287,7 +288,7 @@ def policy_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> Pol
         with timer("policy"):
             for g in groups:
                 scale, extra = loss_scale(cfg, g, groups, global_tokens)
-                inputs = training_inputs(g.prompt, g.completion_ids, g.mask)
+                inputs = build_inputs(g.prompt, g.completion_ids, g.mask, shared=cfg.train.shared_prefix)
                 loss, m = ctx.policy(inputs, g.prompt.input_ids.numel(), g.completion_ids, mode="loss",
                                      advantages=g.advantages.to(ctx.policy.device), completion_mask=g.loss_mask,
                                      loss_kwargs=dict(loss_kwargs, old_logprobs=g.old_logprobs,
