@@ -13,7 +13,8 @@ the python it is given, never creates a venv, never downloads, and:
           reports videor1._C.cuda_built()
   tests   the CUDA-only tests: frame-to-patch CUDA == C++ (tests/test_frame_to_patch.py's CUDA
           tests + tests/test_gpu_frame_to_patch.py), the Triton GRPO kernels at Qwen2.5-VL-7B's head
-          against the fp64 reference (tests/test_gpu_kernels_7b.py); pass / fail / skip counts
+          against the fp64 reference (tests/test_gpu_kernels_7b.py), the shared-prefix forward against
+          the repeated one (tests/test_gpu_shared_prefix.py); pass / fail / skip counts
   runs    3-step T-GRPO and SFT runs of the tiny model under torchrun --nproc_per_node=1, FSDP2 and
           DeepSpeed ZeRO-3, and a 16-row evaluation: metrics.jsonl has steps 1..3, all finite
   bench   benchmarks/bench_grpo_loss.py at the 7B head (N = 8192, bf16; ours, torch eager, Liger;
@@ -312,6 +313,7 @@ def make_steps() -> list[Step]:
         Step("tests_frame_to_patch", "tests", "CUDA frame-to-patch == C++", 50, needs_pkgs=("pytest", "torchvision"),
              after=("build",)),
         Step("tests_kernels_7b", "tests", "Triton GRPO kernels vs fp64 at 7B head", 90, needs_pkgs=("pytest",)),
+        Step("tests_shared_prefix", "tests", "shared-prefix forward == repeated, on CUDA", 40, needs_pkgs=("pytest", "av")),
         Step("data", "runs", "tiny checkpoint + synthetic videos", 45, needs_pkgs=("av",)),
         Step("tgrpo_fsdp2", "runs", "T-GRPO 3 steps, FSDP2", 60, after=("build", "data")),
         Step("sft_fsdp2", "runs", "SFT 3 steps, FSDP2", 45, after=("build", "data")),
@@ -323,6 +325,7 @@ def make_steps() -> list[Step]:
         Step("bench_grpo_loss", "bench", "GRPO loss at the 7B head", 75, min_s=30),
         Step("sweep_row_kernel", "bench", "row kernel BLOCK_V x num_warps sweep", 35, min_s=15),
         Step("bench_frame_to_patch", "bench", "frame-to-patch vs copy bound", 35, after=("build",), min_s=15),
+        Step("bench_shared_prefix", "bench", "shared-prefix vs repeated forward", 30, needs_pkgs=("tokenizers",), min_s=15),
     ]
 
 
@@ -670,6 +673,9 @@ class Check:
     def step_tests_kernels_7b(self, step):
         return self.pytest_step(step, ["tests/test_gpu_kernels_7b.py"])
 
+    def step_tests_shared_prefix(self, step):
+        return self.pytest_step(step, ["tests/test_gpu_shared_prefix.py"])
+
     # -- steps: runs ------------------------------------------------------------------------------------------
     def w(self, *parts) -> str:
         return os.path.join(self.work, *parts)
@@ -797,6 +803,18 @@ class Check:
         rc, secs = self.run(cmd)
         path = os.path.join(self.out, f"frame_to_patch_cuda_{self.slug}.csv")
         key = dict(csv=path if os.path.exists(path) else None, bench_s=round(secs, 1), **f2p_key_numbers(path))
+        if rc != 0:
+            return dict(status="FAIL", reason="timeout" if rc is None else f"exit {rc}", key=key)
+        return dict(status="PASS" if key["csv"] else "FAIL", reason="" if key["csv"] else "no CSV written", key=key)
+
+    def step_bench_shared_prefix(self, step):
+        cmd = [self.py, "benchmarks/bench_shared_prefix.py", "--device", "cuda", "--dtype", "bfloat16", "--reps", "5",
+               "--tag", f"cuda_{self.slug}", "--out", self.out]
+        if step is None:
+            return shlex.join(cmd)
+        rc, secs = self.run(cmd)
+        path = os.path.join(self.out, f"shared_prefix_cuda_{self.slug}.csv")
+        key = dict(csv=path if os.path.exists(path) else None, bench_s=round(secs, 1))
         if rc != 0:
             return dict(status="FAIL", reason="timeout" if rc is None else f"exit {rc}", key=key)
         return dict(status="PASS" if key["csv"] else "FAIL", reason="" if key["csv"] else "no CSV written", key=key)

@@ -15,8 +15,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
-STEPS = ["versions", "wheels", "build", "tests_frame_to_patch", "tests_kernels_7b", "data", "tgrpo_fsdp2", "sft_fsdp2",
-         "eval", "tgrpo_zero3", "sft_zero3", "bench_grpo_loss", "sweep_row_kernel", "bench_frame_to_patch"]
+STEPS = ["versions", "wheels", "build", "tests_frame_to_patch", "tests_kernels_7b", "tests_shared_prefix", "data", "tgrpo_fsdp2", "sft_fsdp2",
+         "eval", "tgrpo_zero3", "sft_zero3", "bench_grpo_loss", "sweep_row_kernel", "bench_frame_to_patch",
+         "bench_shared_prefix"]
 GPU_STEPS = STEPS[2:]
 
 
@@ -85,7 +86,7 @@ def test_dry_run_lists_every_step_and_skips_every_gpu_step(dry):
     assert "DRY RUN" in proc.stdout
     for name in STEPS:
         assert name in proc.stdout
-    assert "2 PASS, 0 FAIL, 12 SKIP" in proc.stdout
+    assert "2 PASS, 0 FAIL, 14 SKIP" in proc.stdout
 
 
 def test_dry_run_records_the_commands_the_gpu_runs(dry):

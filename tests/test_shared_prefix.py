@@ -333,3 +333,26 @@ def test_two_process_engines_give_the_same_loss_logprobs_and_gradients(tiny_ckpt
         assert same["ref"] <= 1e-5 and same["old"] <= 1e-5 and same["kl"] <= 1e-5, same
         assert same["loss"] <= 1e-5 * max(1.0, abs(r["loss"])), same
         assert same["grad_rel"] <= 1e-5, same
+
+
+def test_benchmark_quick_run_writes_both_forms(tmp_path):
+    """benchmarks/bench_shared_prefix.py --quick: every (provider, mode, metric) row, and the shared
+    form holds less memory at its peak (a count of bytes, not a time)."""
+    import csv
+    import importlib.util
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_shared_prefix", os.path.join(repo, "benchmarks",
+                                                                                     "bench_shared_prefix.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["provider"], r["mode"], r["metric"]) for r in rows}
+    for mode in ("policy", "reference"):
+        for provider in ("repeated", "shared"):
+            assert {(provider, mode, "time_ms"), (provider, mode, "peak_mem_mb")} <= got
+        peak = {r["provider"]: float(r["p50"]) for r in rows if r["mode"] == mode and r["metric"] == "peak_mem_mb"}
+        assert 0 < peak["shared"] < peak["repeated"], peak
+    assert all(r["device"] and "P=" in r["shape"] for r in rows)
