@@ -476,6 +476,7 @@ RESUME_IGNORED_KEYS = (
     "train.save_steps", "train.save_total_limit", "train.save_hf_checkpoints", "train.logging_steps",
     "train.report_to", "train.log_completions", "train.dist_timeout_s", "train.max_steps", "train.num_epochs",
     "data.cache_media", "data.max_skip_rate", "data.skip_rate_min_samples",
+    "train.shared_prefix",  # the same losses and gradients either way (tests/test_shared_prefix.py)
 )
 
 
