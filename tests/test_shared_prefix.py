@@ -26,20 +26,24 @@ LENGTHS = [7, 3, 5, 1]  # completions of different lengths: padding after each E
 
 def naive_prefix_attention(q, k, v, layout):
     """Every query over its allowed keys (the rule spelled out element by element), fp64 softmax."""
-    P, G, C, L = layout.prompt_len, layout.num_completions, layout.completion_len, layout.total_len
+    P, L = layout.prompt_len, layout.total_len
+    block = torch.full((L,), -1)
+    for b, (start, n) in enumerate(zip(layout.block_starts(), layout.block_lengths)):
+        block[start:start + n] = b
     i, j = torch.arange(L)[:, None], torch.arange(L)[None]
-    block_i, block_j = (i - P).div(C, rounding_mode="floor"), (j - P).div(C, rounding_mode="floor")
-    allowed = torch.where(i < P, j <= i, (j < P) | ((block_i == block_j) & (j <= i)))
+    allowed = torch.where(i < P, j <= i, (j < P) | ((block[:, None] == block[None]) & (j <= i)))
     rep = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     s = (q @ kk.transpose(-1, -2)) / q.shape[-1] ** 0.5
     return (s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv).transpose(1, 2)
 
 
-@pytest.mark.parametrize("P,G,C,H,Hkv", [(9, 3, 4, 4, 2), (1, 1, 1, 2, 2), (17, 5, 1, 6, 3), (2, 2, 13, 4, 1)])
-def test_two_pass_attention_equals_the_masked_rule(P, G, C, H, Hkv):
+@pytest.mark.parametrize("P,G,C,H,Hkv,lengths", [
+    (9, 3, 4, 4, 2, None), (1, 1, 1, 2, 2, None), (17, 5, 1, 6, 3, None), (2, 2, 13, 4, 1, None),
+    (9, 4, 6, 4, 2, (6, 1, 3, 5)), (3, 3, 7, 2, 1, (1, 1, 7)), (5, 2, 4, 4, 4, (4, 4))])
+def test_two_pass_attention_equals_the_masked_rule(P, G, C, H, Hkv, lengths):
     g = torch.Generator().manual_seed(P * 100 + C)
-    layout = PrefixLayout(P, G, C)
+    layout = PrefixLayout(P, G, C, lengths)
     q, k, v = (torch.randn(1, h, layout.total_len, 8, generator=g, dtype=torch.float64, requires_grad=True)
                for h in (H, Hkv, Hkv))
     out, ref = two_pass_attention(q, k, v, layout), naive_prefix_attention(q, k, v, layout)
@@ -59,6 +63,15 @@ def test_layout_predictors_and_bad_shapes():
     layout = PrefixLayout(5, 2, 3)
     # token 0 of each completion from the prompt's last position; token j from the completion's j - 1
     assert layout.predictor_index().tolist() == [[4, 5, 6], [4, 8, 9]]
+    ragged = PrefixLayout(5, 3, 3, (3, 1, 2))  # blocks at 5..7, 8, 9..10; past a block's end: P - 1
+    assert ragged.total_len == 11 and ragged.block_starts() == [5, 8, 9]
+    assert ragged.predictor_index().tolist() == [[4, 5, 6], [4, 4, 4], [4, 9, 4]]
+    index, packed = ragged.block_index()
+    assert index.tolist() == [[5, 6, 7], [8, 8, 8], [9, 10, 10]]
+    assert packed.tolist() == [[True] * 3, [True, False, False], [True, True, False]]
+    assert PrefixLayout(5, 2, 3, (3, 3)).lengths is None  # every block full: the uniform layout
+    with pytest.raises(ValueError, match="lengths must be 2 values in 1..3"):
+        PrefixLayout(5, 2, 3, (3, 0))
     with pytest.raises(ValueError, match="packed group of 11 tokens"):
         two_pass_attention(torch.zeros(1, 2, 10, 4), torch.zeros(1, 2, 10, 4), torch.zeros(1, 2, 10, 4), layout)
     with pytest.raises(ValueError, match="needs a prompt"):
@@ -121,11 +134,19 @@ def group(prompt, dtype, seed=1):
     return ids, mask, adv, ref, old
 
 
-def run(model, head, prompt, ids, mask, shared):
+def inputs_of(form, prompt, ids, mask):
+    """"repeated" (G sequences), "ragged" (packed, real tokens only: the default) or "padded" (packed,
+    every completion's C slots)."""
+    if form == "repeated":
+        return build_inputs(prompt, ids, mask, shared=False)
+    return shared_prefix.pack(prompt.input_ids, prompt.vision, ids, mask, ragged=form == "ragged")
+
+
+def run(model, head, prompt, ids, mask, form):
     """(hidden [G, C, H], loss, metrics, {name: grad}) of one form."""
     model.zero_grad(set_to_none=True)
     P = prompt.input_ids.numel()
-    hidden = PolicyModule(model).completion_hidden(build_inputs(prompt, ids, mask, shared=shared), P, ids.shape[1])
+    hidden = PolicyModule(model).completion_hidden(inputs_of(form, prompt, ids, mask), P, ids.shape[1])
     loss, metrics = head(hidden)
     loss.backward()
     return hidden.detach(), loss.detach(), metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -158,8 +179,9 @@ def test_fp64_loss_metrics_and_every_gradient_equal_the_repeated_forward(setup, 
             return reference_linear_grpo_loss(hidden, weight, ids, adv, mask, beta=beta, ref_logprobs=ref,
                                               old_logprobs=old)
 
-        repeated, shared = (run(model, head, prompt, ids, mask, s) for s in (False, True))
-    assert_same(repeated, shared, mask, 1e-10)
+        repeated, ragged, padded = (run(model, head, prompt, ids, mask, f) for f in ("repeated", "ragged", "padded"))
+    assert_same(repeated, ragged, mask, 1e-10)
+    assert_same(repeated, padded, mask, 1e-10)
 
 
 @pytest.mark.parametrize("data_type", ["video", "image"])
@@ -191,7 +213,8 @@ def test_fp32_policy_loss_logprobs_and_gradients_equal_through_the_kernels(setup
     assert worst <= 1e-5, worst
 
 
-def test_positions_are_each_completions_own(setup):
+@pytest.mark.parametrize("form", ["ragged", "padded"])
+def test_positions_are_each_completions_own(setup, form):
     """Every completion token's M-RoPE position in the packed sequence is the one it has in its own
     sequence [prompt; c_i] (what position_ids_for gives the repeated form), not a running count."""
     ckpt, _, prompts = setup
@@ -199,13 +222,16 @@ def test_positions_are_each_completions_own(setup):
     prompt = prompts["video"]
     ids, mask, *_ = group(prompt, torch.float32)
     P, (G, C) = prompt.input_ids.numel(), ids.shape
-    packed = shared_prefix.packed_position_ids(model.config, build_inputs(prompt, ids, mask, shared=True))
+    inputs = inputs_of(form, prompt, ids, mask)
+    packed = shared_prefix.packed_position_ids(model.config, inputs)
     own = position_ids_for(model.config, build_inputs(prompt, ids, mask, shared=False))  # [3, G, P + C]
-    assert packed.shape == (3, 1, P + G * C)
+    layout = inputs["prefix_layout"]
+    assert packed.shape == (3, 1, P + (sum(LENGTHS) if form == "ragged" else G * C))
     assert torch.equal(packed[:, 0, :P], own[:, 0, :P])
-    for i in range(G):
-        real = mask[i].bool()
-        assert torch.equal(packed[:, 0, P + i * C: P + (i + 1) * C][:, real], own[:, i, P:][:, real])
+    for i, start in enumerate(layout.block_starts()):
+        n = LENGTHS[i]
+        assert torch.equal(packed[:, 0, start:start + n], own[:, i, P:P + n])
+        assert torch.equal(inputs["input_ids"][0, start:start + n], ids[i, :n])
     # the completions start at max(prompt positions) + 1 on every axis (not at P: vision tokens share positions)
     assert packed[:, 0, P].tolist() == [int(own[:, 0, :P].max()) + 1] * 3 and int(packed[0, 0, P]) != P
 
@@ -235,10 +261,10 @@ def test_activation_checkpointing_keeps_gradients_exact(setup):
         model = load_model(ckpt).double().train()
         head = lambda h: reference_linear_grpo_loss(h, model.lm_head.weight, ids, adv, mask, beta=0.04,  # noqa: E731
                                                     ref_logprobs=ref)
-        plain = run(model, head, prompt, ids, mask, True)
+        plain = run(model, head, prompt, ids, mask, "ragged")
         model.activation_checkpointing_enable()  # as the engines enable it (videor1.engine.build_engine)
-        checkpointed = run(model, head, prompt, ids, mask, True)
-        repeated = run(model, head, prompt, ids, mask, False)
+        checkpointed = run(model, head, prompt, ids, mask, "ragged")
+        repeated = run(model, head, prompt, ids, mask, "repeated")
     assert_same(plain, checkpointed, mask, 1e-12)
     assert_same(repeated, checkpointed, mask, 1e-10)
 

@@ -256,7 +256,8 @@ def reference_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> 
     """Reference (and, when a batch is reused, old) log-probs of the completion positions (device)."""
     with timer("reference"), torch.no_grad():
         for g in groups:
-            inputs = build_inputs(g.prompt, g.completion_ids, g.mask, shared=ctx.cfg.train.shared_prefix)
+            inputs = build_inputs(g.prompt, g.completion_ids, g.mask, shared=ctx.cfg.train.shared_prefix,
+                                  lengths=g.lengths)
             P = g.prompt.input_ids.numel()
             if ctx.reference is not None:
                 g.ref_logprobs = ctx.reference(inputs, P, g.completion_ids, mode="logprobs", completion_mask=g.mask)
@@ -288,7 +289,8 @@ def policy_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> Pol
         with timer("policy"):
             for g in groups:
                 scale, extra = loss_scale(cfg, g, groups, global_tokens)
-                inputs = build_inputs(g.prompt, g.completion_ids, g.mask, shared=cfg.train.shared_prefix)
+                inputs = build_inputs(g.prompt, g.completion_ids, g.mask, shared=cfg.train.shared_prefix,
+                                      lengths=g.lengths)
                 loss, m = ctx.policy(inputs, g.prompt.input_ids.numel(), g.completion_ids, mode="loss",
                                      advantages=g.advantages.to(ctx.policy.device), completion_mask=g.loss_mask,
                                      loss_kwargs=dict(loss_kwargs, old_logprobs=g.old_logprobs,

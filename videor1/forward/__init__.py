@@ -22,11 +22,16 @@ from videor1.forward.attention import PrefixLayout
 __all__ = ["PrefixLayout", "build_inputs", "completion_hidden", "repeated", "shared_prefix"]
 
 
-def build_inputs(prompt, completion_ids: torch.Tensor, mask: torch.Tensor, *, shared: bool) -> dict:
+def build_inputs(prompt, completion_ids: torch.Tensor, mask: torch.Tensor, *, shared: bool,
+                 lengths=None) -> dict:
     """Model kwargs of one prompt group for PolicyModule (either form). prompt: a Prompt on the
-    model's device (its input_ids [P] and ordered vision); completion_ids / mask int64 [G, C]."""
-    form = shared_prefix if shared else repeated
-    return form.pack(prompt.input_ids, prompt.vision, completion_ids, mask)
+    model's device (its input_ids [P] and ordered vision); completion_ids / mask int64 [G, C];
+    lengths: mask.sum(1) on the host (a CPU tensor or list) if the caller has it (the shared form
+    packs only those tokens; without it the mask is read once)."""
+    if not shared:
+        return repeated.pack(prompt.input_ids, prompt.vision, completion_ids, mask)
+    lengths = None if lengths is None else [int(n) for n in lengths]
+    return shared_prefix.pack(prompt.input_ids, prompt.vision, completion_ids, mask, lengths=lengths)
 
 
 def completion_hidden(hf_model, inputs: dict, prompt_len: int, completion_len: int) -> torch.Tensor:

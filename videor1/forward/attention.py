@@ -7,7 +7,8 @@ over the packed length and no log-sum-exp merging:
 
 1. prompt queries [1, H, P, d] over prompt keys, causal;
 2. completion queries [G, H, C, d] over [prompt keys; own keys] [G, Hkv, P + C, d], causal aligned
-   to the lower right (query i of a block sees the prompt and its block's keys 0..i).
+   to the lower right (query i of a block sees the prompt and its block's keys 0..i). Ragged
+   completions (PrefixLayout.lengths) are gathered into that batch and their outputs scattered back.
 
 Both passes are torch's scaled_dot_product_attention (GQA native), so the same code runs on the CPU
 (its flash / math kernels) and on GPUs (its flash or memory-efficient kernels; flash's causal flag
@@ -33,33 +34,66 @@ PREFIX = "videor1_shared_prefix_"
 
 @dataclasses.dataclass(frozen=True)
 class PrefixLayout:
-    """Where things are in a packed prompt group of length P + G * C.
+    """Where things are in a packed prompt group [prompt; c1; ...; cG].
 
-    prompt_len P: the prompt's tokens (vision included); num_completions G; completion_len C: every
-    completion is right-padded to C tokens (padding after its EOS, never attended by real tokens).
+    prompt_len P: the prompt's tokens (vision included); num_completions G; completion_len C: the
+    group's completion length (the width of its completion tensors). lengths: the tokens each
+    completion occupies in the packed sequence (its attention-mask count, up to and including its
+    EOS; at least 1), or None when every completion occupies all C (the padding after an EOS is then
+    packed too, and never attended by a real token). Packing only the real tokens skips the padding's
+    compute in every layer.
     """
 
     prompt_len: int
     num_completions: int
     completion_len: int
+    lengths: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.prompt_len < 1 or self.num_completions < 1 or self.completion_len < 1:
             raise ValueError(f"PrefixLayout needs a prompt, a completion and a token in each: {self}")
+        if self.lengths is not None:
+            lengths = tuple(int(n) for n in self.lengths)
+            if len(lengths) != self.num_completions or not all(1 <= n <= self.completion_len for n in lengths):
+                raise ValueError(f"PrefixLayout lengths must be {self.num_completions} values in "
+                                 f"1..{self.completion_len}, got {self.lengths}")
+            object.__setattr__(self, "lengths", None if all(n == self.completion_len for n in lengths) else lengths)
+
+    @property
+    def block_lengths(self) -> tuple[int, ...]:
+        return self.lengths or (self.completion_len,) * self.num_completions
 
     @property
     def total_len(self) -> int:
-        return self.prompt_len + self.num_completions * self.completion_len
+        return self.prompt_len + sum(self.block_lengths)
+
+    def block_starts(self) -> list[int]:
+        starts, at = [], self.prompt_len
+        for n in self.block_lengths:
+            starts.append(at)
+            at += n
+        return starts
 
     def predictor_index(self, device=None) -> torch.Tensor:
         """int64 [G, C]: packed positions whose hidden states predict each completion's tokens.
 
         Token 0 of every completion is predicted by the prompt's last position (P - 1), token j > 0 of
-        completion i by that completion's token j - 1 (P + i * C + j - 1)."""
-        P, G, C = self.prompt_len, self.num_completions, self.completion_len
-        j = torch.arange(C, device=device)
-        starts = P + torch.arange(G, device=device)[:, None] * C
-        return torch.where(j == 0, torch.full_like(starts + j, P - 1), starts + j - 1)
+        completion i by that completion's token j - 1 (start_i + j - 1). Tokens past a completion's
+        length (padding: masked out of the loss, log-prob 0) read P - 1 as well."""
+        P, C = self.prompt_len, self.completion_len
+        j = torch.arange(C)
+        starts = torch.tensor(self.block_starts())[:, None]
+        lengths = torch.tensor(self.block_lengths)[:, None]
+        index = torch.where((j == 0) | (j >= lengths), torch.full_like(starts + j, P - 1), starts + j - 1)
+        return index.to(device)
+
+    def block_index(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 [G, C] packed position of completion i's token j, clamped to its last token;
+        bool [G, C] whether that token is packed): the gather that lays ragged blocks out as a batch."""
+        j = torch.arange(self.completion_len)
+        starts = torch.tensor(self.block_starts())[:, None]
+        lengths = torch.tensor(self.block_lengths)[:, None]
+        return (starts + torch.minimum(j, lengths - 1)).to(device), (j < lengths).to(device)
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
@@ -86,16 +120,23 @@ def two_pass_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         raise ValueError(f"shared-prefix attention: query {tuple(query.shape)} / key {tuple(key.shape)} do not "
                          f"match one packed group of {layout.total_len} tokens ({layout})")
     prompt_out = causal_attention(query[:, :, :P], key[:, :, :P], value[:, :, :P], scaling, dropout)
+    if layout.lengths is None:
+        def blocks(t):  # [1, h, P + G*C, d] -> [G, h, C, d]
+            return t[0, :, P:].unflatten(1, (G, C)).transpose(0, 1)
+    else:  # ragged blocks laid out as a [G, C] batch; the slots past a block's end repeat its last
+        index, packed = layout.block_index(query.device)  # token: after every real query, never seen
 
-    def blocks(t):  # [1, h, P + G*C, d] -> [G, h, C, d]
-        return t[0, :, P:].unflatten(1, (G, C)).transpose(0, 1)
+        def blocks(t):
+            return t[0].index_select(1, index.flatten()).unflatten(1, (G, C)).transpose(0, 1)
 
     def with_prompt(t):  # [G, h, P + C, d]: the prompt's keys (a broadcast) before each block's own
         return torch.cat([t[:, :, :P].expand(G, -1, -1, -1), blocks(t)], dim=2)
 
     block_out = causal_attention(blocks(query), with_prompt(key), with_prompt(value), scaling, dropout)
-    out = torch.cat([prompt_out, block_out.transpose(0, 1).flatten(1, 2)[None]], dim=2)  # [1, H, L, d]
-    return out.transpose(1, 2).contiguous()
+    block_out = block_out.transpose(1, 2)  # [G, C, H, d]
+    block_out = block_out.flatten(0, 1) if layout.lengths is None else block_out[packed]  # [sum(lengths), H, d]
+    out = torch.cat([prompt_out[0].transpose(0, 1), block_out], dim=0)  # [L, H, d]
+    return out[None].contiguous()
 
 
 def _wrapped(inner_name: str):

@@ -22,25 +22,38 @@ from videor1.mrope import rope_index
 LAYOUT_KEY = "prefix_layout"
 
 
-def pack(prompt_ids: torch.Tensor, vision: dict, completion_ids: torch.Tensor, mask: torch.Tensor) -> dict:
+def pack(prompt_ids: torch.Tensor, vision: dict, completion_ids: torch.Tensor, mask: torch.Tensor,
+         lengths: list[int] | None = None, ragged: bool = True) -> dict:
     """Model kwargs of one packed prompt group.
 
     prompt_ids int64 [P]; vision: one sample's vision kwargs (Prompt.vision: pixel values, grid,
     second_per_grid_ts); completion_ids / mask int64 [G, C] (right-padded after EOS, as rollouts return
-    them; the mask is not needed: padding follows each completion's EOS, so causality keeps it from
-    every real token, and the loss masks its rows). Returns input_ids [1, P + G*C], the vision kwargs
-    once, and the PrefixLayout under "prefix_layout". All on the prompt's device (Prompt.to)."""
+    them). ragged (the default): only each completion's first lengths[i] tokens are packed (lengths:
+    host ints, mask.sum(1) as the trainer already holds it on the CPU; read from the mask when None,
+    one host read), so padding costs no compute; ragged False packs every completion's C tokens
+    (padding follows each EOS, so causality keeps it from every real token, and the loss masks its
+    rows). Returns input_ids [1, P + sum(lengths)], the vision kwargs once, and the PrefixLayout under
+    "prefix_layout". All on the prompt's device (Prompt.to)."""
     if prompt_ids.dim() != 1 or completion_ids.dim() != 2 or mask.shape != completion_ids.shape:
         raise ValueError(f"pack: prompt_ids [P], completion_ids and mask [G, C] expected, got "
                          f"{tuple(prompt_ids.shape)}, {tuple(completion_ids.shape)}, {tuple(mask.shape)}")
     G, C = completion_ids.shape
-    layout = PrefixLayout(prompt_ids.numel(), G, C)
-    ids = torch.cat([prompt_ids, completion_ids.reshape(-1)])[None]
+    if not ragged:
+        lengths = None
+    elif lengths is None:
+        lengths = mask.sum(1).tolist()
+    lengths = None if lengths is None else [max(1, min(C, int(n))) for n in lengths]  # an empty completion: 1 slot
+    layout = PrefixLayout(prompt_ids.numel(), G, C, None if lengths is None else tuple(lengths))
+    flat = completion_ids.reshape(-1)
+    if layout.lengths is not None:
+        index = torch.cat([torch.arange(n) + i * C for i, n in enumerate(layout.lengths)])
+        flat = flat.index_select(0, index.to(flat.device))
+    ids = torch.cat([prompt_ids, flat])[None]
     return {"input_ids": ids, **vision, LAYOUT_KEY: layout}
 
 
 def packed_position_ids(model_config, inputs: dict) -> torch.Tensor:
-    """int64 [3, 1, P + G*C]: the prompt's M-RoPE positions, then each completion's own (module docstring)."""
+    """int64 [3, 1, L]: the prompt's M-RoPE positions, then each completion's own (module docstring)."""
     from videor1.policy import with_mm_token_types  # late: policy imports this module
 
     layout: PrefixLayout = inputs[LAYOUT_KEY]
@@ -56,7 +69,8 @@ def packed_position_ids(model_config, inputs: dict) -> torch.Tensor:
                                   spatial_merge_size=vision.spatial_merge_size,
                                   tokens_per_second=vision.tokens_per_second)
     start = delta.view(()) + P  # max(prompt positions) + 1, a device scalar (no host read)
-    completion = (torch.arange(C, device=positions.device) + start).repeat(G)
+    offsets = torch.cat([torch.arange(n) for n in layout.block_lengths])  # 0..len_i - 1 per completion
+    completion = offsets.to(positions.device) + start
     return torch.cat([positions, completion.expand(3, 1, -1)], dim=2)
 
 
@@ -72,5 +86,5 @@ def completion_hidden(hf_model, inputs: dict) -> torch.Tensor:
     # A dict mask is taken as the per-layer-type masks as they are: our attention reads the layout.
     model_inputs["attention_mask"] = {"full_attention": layout}
     out = hf_model.model(**model_inputs, use_cache=False, return_dict=True)
-    hidden = out.last_hidden_state[0]  # [P + G*C, H]
+    hidden = out.last_hidden_state[0]  # [L, H]
     return hidden[layout.predictor_index(hidden.device)]
