@@ -50,6 +50,7 @@ def setup(tiny_ckpt, synth_data):
     d.fps, d.video_min_pixels, d.video_max_pixels, d.image_min_pixels, d.image_max_pixels = 8.0, 3136, 3136, 3136, 3136
     cfg.rollout.num_generations, cfg.rollout.max_completion_length = 4, 5
     cfg.train.shared_prefix = False  # the stand-in has no attention and no KV cache to share a prefix through
+    cfg.rollout.batch_requests = False
     import reward_plugins  # noqa: F401 - registers test_signal, a dense reward (non-zero advantages)
 
     cfg.algo.rewards = ["accuracy", "format", "test_signal"]
@@ -104,7 +105,7 @@ def test_tgrpo_step_with_the_model_on_another_device(setup, lazy, kind, num_iter
     # Every rollout was sampled with our settings, not a checkpoint's.
     configs = policy.module.hf.generation_configs
     assert len(configs) == 3 and all(c.do_sample and c.repetition_penalty == 1.0 for c in configs)
-    assert [c.num_return_sequences for c in configs] == [4, 2, 4]
+    assert [c.num_return_sequences for c in configs] == [4, 4, 2]  # every ordered request, then the shuffled
 
     assert len(stats.results) == num_iterations and all(r.applied for r in stats.results)
     assert stats.tokens == num_iterations * float(sum(g.lengths.sum() for g in groups))

@@ -219,6 +219,7 @@ def test_truncated_completions_leave_the_loss_but_keep_their_rewards(tiny_ckpt, 
     cfg.algo.rewards, cfg.algo.kernel_backend, cfg.algo.mask_truncated_completions = ["accuracy", "format"], "torch", True
     cfg.algo.beta = 0.0  # no reference engine
     cfg.train.shared_prefix = False  # the stand-in has no attention and no KV cache to share a prefix through
+    cfg.rollout.batch_requests = False
     prompt = prepare_prompt(row, processor, d, os.path.dirname(synth_data), shuffled=False)
     policy = StandInEngine(PolicyModule(StandInVL(tok, seed=0), kernel_backend="torch"), torch.device("cpu"), "fsdp2")
     eos_ids, pad_id = special_ids(tok)

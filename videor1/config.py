@@ -85,6 +85,9 @@ class RolloutConfig:
     top_k: int = _f(0, ge=0)  # 0 = off
     min_p: float = _f(0.0, ge=0, le=1)  # 0 = off
     repetition_penalty: float = _f(1.0, gt=0)  # 1.0 = off; never inherited from the checkpoint
+    # One generate call per rank per step for every prompt's ordered and shuffled rows (each prompt
+    # prefilled once; videor1.rollout.hf.generate_batch); false: one call per prompt and frame order.
+    batch_requests: bool = True
 
 
 @dataclass

@@ -35,7 +35,7 @@ from videor1.metrics import (MetricsLogger, StepTimer, check_report_to, peak_mem
                              summary_table)
 from videor1.rewards import get_reward, set_video_r1_compat
 from videor1.forward import build_inputs
-from videor1.rollout import Prompt, decode, generate, truncated_completions, vision_token_ids
+from videor1.rollout import Prompt, Request, decode, generate, generate_batch, truncated_completions, vision_token_ids
 from videor1.sampler import PromptSampler
 from videor1.tgrpo import batch_reward_std, group_advantages, group_rewards, group_stats
 
@@ -201,7 +201,8 @@ def sampling_mode(model):
 
 
 def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> list[Group]:
-    """G rollouts per prompt on ordered frames (+ Gs on shuffled frames for videos), scored.
+    """G rollouts per prompt on ordered frames (+ Gs on shuffled frames for videos), scored: every
+    request of the step sampled together (`sample`), each prompt's vision tower and prefill once.
 
     Each prompt crosses to the model's device once (Prompt.to); completions stay there for
     training, and one CPU copy of them feeds the rewards. Completions that hit max_completion_length
@@ -210,10 +211,13 @@ def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> 
     cfg, G, Gs = ctx.cfg, ctx.cfg.rollout.num_generations, ctx.num_shuffled
     groups: list[Group] = []
     with timer("rollout"), ctx.policy.full_weights() as model, sampling_mode(model):
-        for p in prompts:
-            p = p.to(ctx.policy.device)
-            ids, mask = generate(model, p, p.vision, G, cfg.rollout, ctx.eos_ids, ctx.pad_id,
-                                 suppress_ids=ctx.suppress_ids, shared_prefill=cfg.train.shared_prefix)
+        prompts = [p.to(ctx.policy.device) for p in prompts]
+        shuffled = [cfg.algo.temporal and p.shuffled_vision is not None and Gs > 0 for p in prompts]
+        requests = [Request(p, p.vision, G) for p in prompts]
+        requests += [Request(p, p.shuffled_vision, Gs) for p, s in zip(prompts, shuffled) if s]
+        samples = sample(ctx, model, requests)
+        ordered, rest = samples[:len(prompts)], iter(samples[len(prompts):])
+        for p, (ids, mask), s in zip(prompts, ordered, shuffled):
             ids_cpu, mask_cpu = ids.cpu(), mask.cpu()
             texts = decode(ctx.tokenizer, ids_cpu, mask_cpu)
             g = Group(p, ids, mask, mask_cpu.sum(1), ctx.rewards(texts, p.row), texts=texts,
@@ -222,13 +226,22 @@ def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> 
                 keep = ~g.truncated
                 g.loss_mask = mask * keep.to(ctx.policy.device)[:, None]
                 g.loss_lengths = g.lengths * keep
-            if cfg.algo.temporal and p.shuffled_vision is not None and Gs > 0:
-                s_ids, s_mask = generate(model, p, p.shuffled_vision, Gs, cfg.rollout, ctx.eos_ids, ctx.pad_id,
-                                         suppress_ids=ctx.suppress_ids, shared_prefill=cfg.train.shared_prefix)
+            if s:
+                s_ids, s_mask = next(rest)
                 texts = decode(ctx.tokenizer, s_ids.cpu(), s_mask.cpu())
                 g.shuffled_accuracy = ctx.rewards(texts, p.row, only=("accuracy",))["accuracy"]
             groups.append(g)
     return groups
+
+
+def sample(ctx: StepContext, model, requests: list[Request]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(completion_ids, mask) per request: one generate call for all (rollout.batch_requests), or
+    one per request (each prompt prefilled once unless train.shared_prefix is false)."""
+    cfg = ctx.cfg
+    if cfg.rollout.batch_requests:
+        return generate_batch(model, requests, cfg.rollout, ctx.eos_ids, ctx.pad_id, suppress_ids=ctx.suppress_ids)
+    return [generate(model, r.prompt, r.vision, r.num, cfg.rollout, ctx.eos_ids, ctx.pad_id,
+                     suppress_ids=ctx.suppress_ids, shared_prefill=cfg.train.shared_prefix) for r in requests]
 
 
 def score_groups(cfg: Config, groups: list[Group]) -> None:

@@ -8,15 +8,12 @@ second_per_grid_ts for training but not for generation; we keep them equal).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
 from videor1 import vision
-from videor1.config import DataConfig, RolloutConfig
+from videor1.config import DataConfig
 from videor1.data import resolve_media_path
-from videor1.generation import rollout_config
-from videor1.policy import prefill_cache
 from videor1.prompts import build_messages
 from videor1.tgrpo import shuffle_permutation
 
@@ -154,44 +151,6 @@ def vision_token_ids(tokenizer) -> list[int]:
     """Ids a completion must never contain: a generated <|video_pad|> would be read as a vision slot."""
     ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
-
-
-@torch.no_grad()
-def generate(module, prompt: Prompt, vision_inputs: dict, num: int, cfg: RolloutConfig, eos_ids: list[int],
-             pad_id: int, *, suppress_ids: list[int] | None = None, shared_prefill: bool = True
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`num` sampled completions of one prompt (KV cache on), sampled exactly as `cfg` says
-    (videor1.generation.rollout_config: nothing is inherited from the checkpoint).
-
-    shared_prefill: the prompt's vision tower and prefill run once and its KV
-    cache is repeated to the `num` sequences (videor1.policy.prefill_cache); otherwise generate expands the
-    prompt to `num` rows first and prefills each. The samples are the same either way (same logits,
-    same random draws: tests/test_shared_prefix.py).
-
-    prompt and vision_inputs must already be on the model's device (Prompt.to); the outputs stay
-    there. Returns completion_ids int64 [num, C] (C <= max_completion_length, padded with pad_id
-    after EOS) and completion_mask int64 [num, C]. `suppress_ids` (the vision tokens) are never sampled.
-    """
-    ids = prompt.input_ids[None]
-    shared = shared_prefill and ids.shape[1] > 1
-    gen_cfg = rollout_config(cfg, eos_ids, pad_id, suppress_ids or [], 1 if shared else num)
-    # The engines gather the full weights for the whole rollout phase, so ranks need not step in
-    # lockstep (and they can't: ranks generate for different numbers of prompts).
-    if shared:
-        prefill = getattr(module, "prefill", None) or functools.partial(prefill_cache, module)  # a bare HF model
-        cache = prefill(ids[:, :-1], vision_inputs, num)
-        rows = ids.expand(num, -1)
-        out = module.generate(input_ids=rows, attention_mask=torch.ones_like(rows), cache=cache,
-                              generation_config=gen_cfg, synced_gpus=False)
-    else:
-        out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vision_inputs,
-                              generation_config=gen_cfg, synced_gpus=False)
-    completion = out[:, ids.shape[1]:]
-    if completion.shape[1] == 0:  # generate returned nothing new: an empty, fully masked completion
-        completion = torch.full((num, 1), pad_id, dtype=torch.long, device=ids.device)
-        return completion, torch.zeros_like(completion)
-    mask = completion_mask(completion, eos_ids)
-    return completion.masked_fill(mask == 0, pad_id), mask
 
 
 def decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
