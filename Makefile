@@ -44,8 +44,8 @@ bench: setup
 	$(PY) benchmarks/bench_frame_to_patch.py
 
 # One T-GRPO step of Qwen2.5-VL-7B on a fake world of 8 GPUs (fake tensors): memory by phase and category,
-# FLOPs, and (--fit) the longest completion that fits 80 GB. A few minutes on 2 cores.
-SIMULATE_ARGS ?= --fit
+# FLOPs, and (--fit) the longest completion that fits 80 GB; shared prefix and repeated. ~10 min on 2 cores.
+SIMULATE_ARGS ?= --fit --json benchmarks/results/simulate_7b.json
 simulate: setup
 	$(PY) benchmarks/simulate_7b.py $(SIMULATE_ARGS)
 

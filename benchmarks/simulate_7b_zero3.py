@@ -2,6 +2,13 @@
 
     python benchmarks/simulate_7b_zero3.py                               # full depth (28 layers, 32 blocks)
     python benchmarks/simulate_7b_zero3.py --layers 2 --vision-depth 2   # reduced depth (minutes on 2 cores)
+    python benchmarks/simulate_7b_zero3.py --shared-prefix off           # only the repeated forward
+
+Both forms of our forward by default (--shared-prefix on|off|both), each in its own process, reported
+as simulate_7b.py reports them: "ours" (train.shared_prefix: true, the default: one packed sequence per
+prompt group, the prompt's prefill once in the rollout) and "ours_repeated" (G sequences of prompt +
+completion). Both run through the same ZeRO-3 engine; the shared prefix's patches are simulate_7b's
+(sim_causal_attention, sim_packed_position_ids, expand_cache: see its docstring).
 
 The DeepSpeed counterpart of benchmarks/simulate_7b.py (read its docstring first: the model, the shapes,
 the attention and vision patches, the inputs and the phases are that script's, imported from it). What
@@ -35,7 +42,10 @@ have, or a CPU-only piece that a GPU run does not have:
     directly (policy.engine.step()), the rest of ours (the norm's float, the LR scheduler) is host-side.
 Patches of the simulation itself (not of DeepSpeed or videor1):
   - attention: simulate_7b's sim_flash, re-registered to find a vision cu_seqlens' segments by its
-    length (install_attention: ZeRO-3's hooks pass every tensor of the root's inputs on as an alias).
+    length (install_attention: ZeRO-3's hooks pass every tensor of the root's inputs on as an alias);
+    with the shared prefix the one video's cu_seqlens (the only ones that run). The shared-prefix
+    attention wraps it by name, looked up at call time, so it wraps this registration. The packed
+    positions are looked up by the group's PrefixLayout (not a tensor: ZeRO-3's aliasing leaves it be).
   - MemTracker: no gradient hooks on frozen parameters (MemTracker registers one on every parameter,
     which raises on the reference's); ModTracker's post-backward callbacks queued by no-grad forwards
     (rollout, reference) are dropped at each top-level call (ZeroMemTracker.reset_mod_stats).
@@ -53,7 +63,6 @@ FLOPs are not counted here: the model's are the same as under FSDP2 (benchmarks/
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -326,15 +335,17 @@ def run_step(s: dict, meter) -> None:
 
 
 def simulate_zero3(layers: int = 28, vision_depth: int = 32, per_device_batch: int = 2, completion_len: int = 768,
-                   world: int = 8, first_step: bool = False, config_path: str | None = None) -> dict:
-    """One rank's T-GRPO step ("ours": fused loss, per-device batch `per_device_batch`) under DeepSpeed
+                   world: int = 8, first_step: bool = False, config_path: str | None = None,
+                   shared_prefix: bool = True) -> dict:
+    """One rank's T-GRPO step ("ours": fused loss, per-device batch `per_device_batch`; shared_prefix:
+    train.shared_prefix, the packed forward and the shared prefill, as simulate_7b.simulate) under DeepSpeed
     ZeRO-3 on a fake world of `world` ranks: a step after the first (AdamW's moments already held; see
     init_optimizer_states) unless first_step. Returns a dict of results (peaks: phase -> category -> bytes)."""
     import deepspeed
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig
 
     from videor1.config import load_config
     from videor1.engine import build_engine, hf_deepspeed_context, load_deepspeed_config
@@ -359,7 +370,8 @@ def simulate_zero3(layers: int = 28, vision_depth: int = 32, per_device_batch: i
     sim.write_config(path, layers, vision_depth)
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     g = sim.group_inputs(hf_config, cfg.data, G, completion_len)
-    install_attention(g)
+    g1 = sim.shared_inputs(hf_config, cfg.data, g, completion_len) if shared_prefix else None
+    install_attention(g1 if shared_prefix else g)  # the only vision inputs that run
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         tracker = ZeroMemTracker()  # entered before the build: every DeepSpeed allocation is seen
@@ -368,11 +380,7 @@ def simulate_zero3(layers: int = 28, vision_depth: int = 32, per_device_batch: i
             keep = hf_deepspeed_context(ds_config)  # _from_config builds inside deepspeed.zero.Init
 
             def build(trainable: bool):
-                dtype = torch.float32 if trainable else torch.bfloat16
-                conf = copy.deepcopy(hf_config)  # use_sim_attention edits the config: one copy per model
-                conf._attn_implementation = "sdpa"  # replaced by sim_flash once built (construction checks names)
-                hf = Qwen2_5_VLForConditionalGeneration._from_config(conf, dtype=dtype)
-                sim.use_sim_attention(hf)
+                hf = sim.build_model(hf_config, torch.float32 if trainable else torch.bfloat16, shared_prefix)
                 module = PolicyModule(hf, kernel_backend="torch", temperature=cfg.rollout.temperature)
                 if not trainable:
                     module.requires_grad_(False)
@@ -391,7 +399,7 @@ def simulate_zero3(layers: int = 28, vision_depth: int = 32, per_device_batch: i
                 init_optimizer_states(policy)
             after_build = dict(next(iter(tracker.get_tracker_snapshot().values())))
             s = dict(policy=policy, reference=reference, mode=mode, g=g, cfg=cfg, hf_config=hf_config, G=G,
-                     P=g["prompt_len"], C=completion_len, batch=batch)
+                     P=g["prompt_len"], C=completion_len, batch=batch, shared_prefix=shared_prefix, g1=g1)
             meter = sim.MemoryMeter(tracker)
             run_step(s, meter)
             after_step = dict(next(iter(tracker.get_tracker_snapshot().values())))
@@ -403,7 +411,8 @@ def simulate_zero3(layers: int = 28, vision_depth: int = 32, per_device_batch: i
         # data_types.grad_accum_dtype: configs/zero3.json does not, so the partitions are bf16
         grad_dtype = str(policy.engine.optimizer.gradient_accumulation_dtype)
     as_str = lambda d: {getattr(k, "value", k): int(v) for k, v in d.items()}  # noqa: E731
-    return dict(style="ours", engine="deepspeed_zero3", first_step=first_step, layers=layers, vision_depth=vision_depth, world=world,
+    return dict(style="ours", shared_prefix=shared_prefix, engine="deepspeed_zero3", first_step=first_step,
+                layers=layers, vision_depth=vision_depth, world=world,
                 per_device_batch=batch, G=G, completion_len=completion_len, prompt_len=g["prompt_len"],
                 video_tokens=g["video_tokens"], frame_hw=g["frame_hw"], params=params, shard_numel=shard,
                 persistent_params=persistent, reference_shard_bytes=ref_bytes, grad_accum_dtype=grad_dtype,
@@ -421,29 +430,63 @@ def main(argv=None):
     ap.add_argument("--vision-depth", type=int, default=32)
     ap.add_argument("--batch", type=int, default=2, help="prompts per GPU (default: the 7B config's 2)")
     ap.add_argument("--completion", type=int, default=768)
+    ap.add_argument("--shared-prefix", choices=["on", "off", "both"], default="both",
+                    help="the shared-prefix forward (results 'ours'), repeated (results 'ours_repeated') or both")
     ap.add_argument("--gpu-gb", type=float, default=80.0)
     ap.add_argument("--margin-gb", type=float, default=4.0, help="CUDA context, NCCL and allocator slack (not tensors)")
     ap.add_argument("--first-step", action="store_true", help="the very first step (no optimizer state before it)")
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--json", help="write the results here ({label: result}, label 'ours' / 'ours_repeated')")
+    ap.add_argument("--one", choices=["ours", "ours_repeated"], help=argparse.SUPPRESS)  # run_isolated's child
     args = ap.parse_args(argv)
-    res = simulate_zero3(args.layers, args.vision_depth, args.batch, args.completion, first_step=args.first_step)
-    peak = max(v.get("Total", 0) for v in res["peaks"].values())
-    print(f"\n== ours, DeepSpeed ZeRO-3 (configs/zero3.json): Qwen2.5-VL-{res['params'] / 1e9:.2f}B ({res['layers']} "
-          f"layers, vision depth {res['vision_depth']}) over {res['world']} fake ranks, per-device batch "
-          f"{res['per_device_batch']}, G = {res['G']}, {res['video_tokens']} video tokens ({res['frame_hw'][0]}x"
-          f"{res['frame_hw'][1]}), prompt {res['prompt_len']}, completions {res['completion_len']}  [{res['seconds']} s]")
-    print(sim.table(res, CATEGORY_ORDER))
-    print(f"({'the first step' if res['first_step'] else 'a step after the first (AdamW moments held throughout)'}; "
-          f"before the step: {res['after_build'].get('Total', 0) / GB:.2f} GB; "
-          f"{res['persistent_params'] / 1e6:.2f} M parameters persistent (never partitioned away, "
-          f"stage3_param_persistence_threshold); the reference's bf16 partitions {res['reference_shard_bytes'] / GB:.2f} GB; "
-          f"gradients accumulated in {res['grad_accum_dtype'].removeprefix('torch.')})")
-    print(f"peak per GPU: {peak / GB:.2f} GB of tensors (+ {args.margin_gb:.0f} GB margin = "
-          f"{peak / GB + args.margin_gb:.2f} GB of {args.gpu_gb:.0f} GB)")
+    if args.one:
+        res = simulate_zero3(args.layers, args.vision_depth, args.batch, args.completion, first_step=args.first_step,
+                             shared_prefix=args.one == "ours")
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, default=str)
+        return res
+    t0 = time.monotonic()
+    results = {}
+    for label in {"on": ["ours"], "off": ["ours_repeated"], "both": ["ours", "ours_repeated"]}[args.shared_prefix]:
+        results[label] = res = run_isolated(args, label)
+        peak = max(v.get("Total", 0) for v in res["peaks"].values())
+        form = "shared prefix" if res["shared_prefix"] else "repeated, train.shared_prefix: false"
+        print(f"\n== {label} ({form}), DeepSpeed ZeRO-3 (configs/zero3.json): Qwen2.5-VL-{res['params'] / 1e9:.2f}B "
+              f"({res['layers']} layers, vision depth {res['vision_depth']}) over {res['world']} fake ranks, per-device "
+              f"batch {res['per_device_batch']}, G = {res['G']}, {res['video_tokens']} video tokens ({res['frame_hw'][0]}x"
+              f"{res['frame_hw'][1]}), prompt {res['prompt_len']}, completions {res['completion_len']}  [{res['seconds']} s]")
+        print(sim.table(res, CATEGORY_ORDER))
+        print(f"({'the first step' if res['first_step'] else 'a step after the first (AdamW moments held throughout)'}; "
+              f"before the step: {res['after_build'].get('Total', 0) / GB:.2f} GB; "
+              f"{res['persistent_params'] / 1e6:.2f} M parameters persistent (never partitioned away, "
+              f"stage3_param_persistence_threshold); the reference's bf16 partitions {res['reference_shard_bytes'] / GB:.2f} GB; "
+              f"gradients accumulated in {res['grad_accum_dtype'].removeprefix('torch.')})")
+        print(f"peak per GPU: {peak / GB:.2f} GB of tensors (+ {args.margin_gb:.0f} GB margin = "
+              f"{peak / GB + args.margin_gb:.2f} GB of {args.gpu_gb:.0f} GB)")
+    if "ours" in results and "ours_repeated" in results:
+        print("\n== shared prefix vs repeated (ZeRO-3): peak per GPU by phase, GB:",
+              ", ".join(f"{p} {results['ours']['peaks'][p]['Total'] / GB:.2f} vs "
+                        f"{results['ours_repeated']['peaks'][p]['Total'] / GB:.2f}" for p in results["ours"]["peaks"]))
+    print(f"total: {time.monotonic() - t0:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1, default=str)
-    return res
+            json.dump(results, f, indent=1, default=str)
+    return results
+
+
+def run_isolated(args, label: str) -> dict:
+    """simulate_zero3 in a fresh process (DeepSpeed's, the tracker's and the patches' state are per process)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "res.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", label, "--layers", str(args.layers),
+               "--vision-depth", str(args.vision_depth), "--batch", str(args.batch), "--completion",
+               str(args.completion), "--json", out] + (["--first-step"] if args.first_step else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ZeRO-3 simulation ({label}) failed:\n{proc.stderr[-3000:]}")
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
 
 
 if __name__ == "__main__":
