@@ -75,3 +75,21 @@ def test_one_generate_call_and_one_prefill_per_request(setup):
     assert prefills[:len(requests)] == [(1, r.prompt.input_ids.numel() - 1) for r in requests]
     assert all(1 <= ids.shape[1] <= 6 and mask[:, 0].all() for ids, mask in out)
     assert generate_batch(model, [], cfg, eos_ids, pad_id) == []
+
+
+def test_rollout_benchmark_quick_run(tmp_path):
+    """benchmarks/bench_rollout.py --quick: a row per provider and metric; it asserts itself that every
+    provider generated the same number of tokens (no EOS stops a row)."""
+    import csv
+    import importlib.util
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_rollout", os.path.join(repo, "benchmarks", "bench_rollout.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with open(bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"])) as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["provider"], r["metric"]) for r in rows} == {
+        (p, m) for p in ("hf-per-prompt", "hf-shared-prefill", "hf-batched")
+        for m in ("time_ms", "tokens_per_s", "x_vs_hf_per_prompt")}
+    assert all(float(r["p50"]) > 0 for r in rows)
