@@ -21,7 +21,6 @@ Writes benchmarks/results/rollout_cpu.csv (--quick: rollout_cpu_quick.csv).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -32,6 +31,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import cpu_name, write_csv  # noqa: E402
 
 from videor1.config import load_config  # noqa: E402
 from videor1.model import load_model, load_processor  # noqa: E402
@@ -43,17 +45,6 @@ from videor1.train import sampling_mode  # noqa: E402
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 FIELDS = ["kernel", "provider", "mode", "metric", "shape", "p50", "p20", "p80", "device", "threads", "versions"]
 SHAPES = [("demo", 2, 8, 4, 48), ("long", 4, 8, 4, 256)]  # name, prompts, G, Gs, completion tokens
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def providers(model, cfg, pad_id, suppress):
@@ -129,14 +120,8 @@ def main(argv=None) -> str:
                          dict(common, metric="tokens_per_s", p50=f"{generated / p50:.0f}", p20="", p80=""),
                          dict(common, metric="x_vs_hf_per_prompt", p50=f"{base / p50:.2f}", p20="", p80="")]
             print(f"{shape:70s} {k:18s} {p50 * 1e3:9.1f} ms {generated / p50:9.0f} tok/s {base / p50:5.2f}x", flush=True)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "rollout_cpu_quick.csv" if args.quick else "rollout_cpu.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(out_rows)
-    print(f"wrote {path}")
-    return path
+    return write_csv(path, out_rows, FIELDS)
 
 
 if __name__ == "__main__":

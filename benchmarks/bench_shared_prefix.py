@@ -27,10 +27,8 @@ torch.cuda.max_memory_allocated above the start of the call.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +37,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import cpu_name, write_csv  # noqa: E402
 
 from videor1.forward import build_inputs  # noqa: E402
 from videor1.policy import PolicyModule  # noqa: E402
@@ -49,17 +50,6 @@ FIELDS = ["kernel", "provider", "mode", "metric", "shape", "p50", "p20", "p80", 
 SIZES = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vision_hidden=128, vision_depth=4,
              vision_heads=4, vision_intermediate=512)
 QUICK_SIZES = dict(SIZES, hidden=64, layers=2, intermediate=256, vision_hidden=64, vision_depth=2)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def build_model(sizes: dict):
@@ -193,15 +183,9 @@ def main(argv=None) -> str:
         print(f"{mode:9s} repeated {summary[(mode, 'repeated')][0] * 1e3:8.1f} ms {summary[(mode, 'repeated')][1] / 2**20:8.1f} MB"
               f" | shared {summary[(mode, 'shared')][0] * 1e3:8.1f} ms {summary[(mode, 'shared')][1] / 2**20:8.1f} MB"
               f" | {speed:.2f}x faster, {memory:.2f}x less peak memory", flush=True)
-    os.makedirs(args.out, exist_ok=True)
     tag = args.tag or ("cpu_quick" if args.quick else "cpu")
     path = os.path.join(args.out, f"shared_prefix_{tag}.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
-    return path
+    return write_csv(path, rows, FIELDS)
 
 
 if __name__ == "__main__":

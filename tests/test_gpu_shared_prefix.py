@@ -6,7 +6,6 @@ On the GPU both passes of the shared-prefix attention are torch's SDPA (its flas
 kernels: the lower-right causal mask of the completion blocks is a CausalBias, never materialised);
 the repeated forward uses the model's own implementation. The CPU tests check the same in fp64."""
 
-import json
 import os
 
 import pytest
@@ -24,12 +23,8 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 5e-2)}  # (log-prob /
 
 
 @pytest.fixture(scope="module")
-def prompts(tiny_ckpt, synth_data):
-    with open(synth_data) as f:
-        rows = json.load(f)
-    data = Config().data
-    data.fps, data.video_min_pixels, data.video_max_pixels = 8.0, 3136, 12544
-    data.image_min_pixels, data.image_max_pixels = 3136, 12544
+def prompts(tiny_ckpt, synth_data, synth_rows, synth_data_cfg):
+    rows, data = synth_rows, synth_data_cfg
     processor = load_processor(tiny_ckpt)
     return processor, {t: prepare_prompt(next(r for r in rows if r["data_type"] == t), processor, data,
                                          os.path.dirname(synth_data), shuffled=False) for t in ("video", "image")}

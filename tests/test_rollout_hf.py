@@ -2,7 +2,6 @@
 (ordered and shuffled, videos and images, prompts of different lengths) in one generate call with
 one prefill per request, sampling what one call per request samples."""
 
-import json
 import os
 
 import pytest
@@ -16,12 +15,8 @@ from videor1.session import special_ids
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_ckpt, synth_data):
-    with open(synth_data) as f:
-        rows = json.load(f)
-    data = Config().data
-    data.fps, data.video_min_pixels, data.video_max_pixels = 8.0, 3136, 12544
-    data.image_min_pixels, data.image_max_pixels = 3136, 12544
+def setup(tiny_ckpt, synth_data, synth_rows, synth_data_cfg):
+    rows, data = synth_rows, synth_data_cfg
     processor = load_processor(tiny_ckpt)
     videos = [r for r in rows if r["data_type"] == "video"][:2]
     image = next(r for r in rows if r["data_type"] == "image")

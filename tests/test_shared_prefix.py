@@ -109,12 +109,8 @@ def norms_in_input_dtype():
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_ckpt, synth_data):
-    with open(synth_data) as f:
-        rows = json.load(f)
-    data = Config().data
-    data.fps, data.video_min_pixels, data.video_max_pixels = 8.0, 3136, 12544
-    data.image_min_pixels, data.image_max_pixels = 3136, 12544
+def setup(tiny_ckpt, synth_data, synth_rows, synth_data_cfg):
+    rows, data = synth_rows, synth_data_cfg
     processor = load_processor(tiny_ckpt)
     prompts = {t: prepare_prompt(next(r for r in rows if r["data_type"] == t), processor, data,
                                  os.path.dirname(synth_data), shuffled=False) for t in ("video", "image")}
