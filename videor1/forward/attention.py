@@ -80,20 +80,33 @@ class PrefixLayout:
         Token 0 of every completion is predicted by the prompt's last position (P - 1), token j > 0 of
         completion i by that completion's token j - 1 (start_i + j - 1). Tokens past a completion's
         length (padding: masked out of the loss, log-prob 0) read P - 1 as well."""
-        P, C = self.prompt_len, self.completion_len
-        j = torch.arange(C)
-        starts = torch.tensor(self.block_starts())[:, None]
-        lengths = torch.tensor(self.block_lengths)[:, None]
-        index = torch.where((j == 0) | (j >= lengths), torch.full_like(starts + j, P - 1), starts + j - 1)
-        return index.to(device)
+        return _indices(self, None if device is None else torch.device(device))[0]
 
     def block_index(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(int64 [G, C] packed position of completion i's token j, clamped to its last token;
         bool [G, C] whether that token is packed): the gather that lays ragged blocks out as a batch."""
-        j = torch.arange(self.completion_len)
-        starts = torch.tensor(self.block_starts())[:, None]
-        lengths = torch.tensor(self.block_lengths)[:, None]
-        return (starts + torch.minimum(j, lengths - 1)).to(device), (j < lengths).to(device)
+        return _indices(self, None if device is None else torch.device(device))[1:]
+
+
+def _indices(layout: PrefixLayout, device: torch.device | None):
+    """(predictor index, block index, packed) of a layout on a device, built on the host and copied
+    once: every layer of a forward (and its recompute) reuses them instead of copying per layer. Kept
+    on the layout object (not a field: equality and hashing ignore it), so they live as long as the
+    group's inputs do."""
+    cache = layout.__dict__.setdefault("_indices", {})
+    if device not in cache:
+        cache[device] = _build_indices(layout, device)
+    return cache[device]
+
+
+def _build_indices(layout: PrefixLayout, device: torch.device | None):
+    P, C = layout.prompt_len, layout.completion_len
+    j = torch.arange(C)
+    starts = torch.tensor(layout.block_starts())[:, None]
+    lengths = torch.tensor(layout.block_lengths)[:, None]
+    predictor = torch.where((j == 0) | (j >= lengths), torch.full_like(starts + j, P - 1), starts + j - 1)
+    block = starts + torch.minimum(j, lengths - 1)
+    return predictor.to(device), block.to(device), (j < lengths).to(device)
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
