@@ -129,5 +129,6 @@ def prefill_cache(hf_model, input_ids: torch.Tensor, vision_inputs: dict, copies
     inputs = with_mm_token_types({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                                   **vision_inputs}, hf_model.config)
     hf_model.model(**inputs, cache=cache, use_cache=True, return_dict=True)
-    cache.batch_repeat_interleave(copies)
+    if copies > 1:
+        cache.batch_repeat_interleave(copies)
     return cache

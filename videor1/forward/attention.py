@@ -84,7 +84,9 @@ class PrefixLayout:
 
     def block_index(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(int64 [G, C] packed position of completion i's token j, clamped to its last token;
-        bool [G, C] whether that token is packed): the gather that lays ragged blocks out as a batch."""
+        int64 [sum(lengths)] the rows of that [G * C] batch that are packed tokens, in packed order):
+        the gather that lays ragged blocks out as a batch, and the one that takes them back (index
+        tensors, not a boolean mask: no host read of a count on the device)."""
         return _indices(self, None if device is None else torch.device(device))[1:]
 
 
@@ -106,7 +108,8 @@ def _build_indices(layout: PrefixLayout, device: torch.device | None):
     lengths = torch.tensor(layout.block_lengths)[:, None]
     predictor = torch.where((j == 0) | (j >= lengths), torch.full_like(starts + j, P - 1), starts + j - 1)
     block = starts + torch.minimum(j, lengths - 1)
-    return predictor.to(device), block.to(device), (j < lengths).to(device)
+    rows = torch.cat([torch.arange(n) + i * C for i, n in enumerate(layout.block_lengths)])  # from host ints
+    return predictor.to(device), block.to(device), rows.to(device)
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
@@ -137,7 +140,7 @@ def two_pass_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         def blocks(t):  # [1, h, P + G*C, d] -> [G, h, C, d]
             return t[0, :, P:].unflatten(1, (G, C)).transpose(0, 1)
     else:  # ragged blocks laid out as a [G, C] batch; the slots past a block's end repeat its last
-        index, packed = layout.block_index(query.device)  # token: after every real query, never seen
+        index, rows = layout.block_index(query.device)  # token: after every real query, never seen
 
         def blocks(t):
             return t[0].index_select(1, index.flatten()).unflatten(1, (G, C)).transpose(0, 1)
@@ -147,7 +150,9 @@ def two_pass_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
     block_out = causal_attention(blocks(query), with_prompt(key), with_prompt(value), scaling, dropout)
     block_out = block_out.transpose(1, 2)  # [G, C, H, d]
-    block_out = block_out.flatten(0, 1) if layout.lengths is None else block_out[packed]  # [sum(lengths), H, d]
+    block_out = block_out.flatten(0, 1)  # [G * C, H, d]
+    if layout.lengths is not None:
+        block_out = block_out.index_select(0, rows)  # [sum(lengths), H, d]
     out = torch.cat([prompt_out[0].transpose(0, 1), block_out], dim=0)  # [L, H, d]
     return out[None].contiguous()
 

@@ -7,9 +7,8 @@ log-probs and every gradient equal the repeated forward's (tests/test_shared_pre
 1e-10). The prompt's activations are held once per group, under activation checkpointing too.
 
 Positions: the prompt's come from Qwen2.5-VL's original rule (videor1.mrope.rope_index) on the
-prompt alone; completion i's token j sits at P + delta + j on all three axes (delta: the prompt's
-rope delta, so P + delta = max(prompt positions) + 1), the same for every i: what each completion
-has in the unshared forward. A cumsum over the packed mask would make c2 continue after c1.
+prompt alone; completion i's token j sits at max(prompt positions) + 1 + j on all three axes (P +
+the prompt's rope delta), the same for every i: what each completion has in the unshared forward. A cumsum over the packed mask would make c2 continue after c1.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from videor1.forward.attention import PrefixLayout, install, installed
-from videor1.mrope import rope_index
+from videor1.mrope import position_ids_for
 
 LAYOUT_KEY = "prefix_layout"
 
@@ -54,21 +53,14 @@ def pack(prompt_ids: torch.Tensor, vision: dict, completion_ids: torch.Tensor, m
 
 def packed_position_ids(model_config, inputs: dict) -> torch.Tensor:
     """int64 [3, 1, L]: the prompt's M-RoPE positions, then each completion's own (module docstring)."""
-    from videor1.policy import with_mm_token_types  # late: policy imports this module
-
     layout: PrefixLayout = inputs[LAYOUT_KEY]
-    P, G, C = layout.prompt_len, layout.num_completions, layout.completion_len
+    P = layout.prompt_len
     prompt = {k: v for k, v in inputs.items() if k != LAYOUT_KEY}
     prompt["input_ids"] = inputs["input_ids"][:, :P]
     if "mm_token_type_ids" in prompt:  # given for the packed sequence: the prompt's part
         prompt["mm_token_type_ids"] = prompt["mm_token_type_ids"][:, :P]
-    prompt = with_mm_token_types(prompt, model_config)
-    vision = model_config.vision_config
-    keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
-    positions, delta = rope_index(prompt["input_ids"], prompt["mm_token_type_ids"], **{k: prompt.get(k) for k in keys},
-                                  spatial_merge_size=vision.spatial_merge_size,
-                                  tokens_per_second=vision.tokens_per_second)
-    start = delta.view(()) + P  # max(prompt positions) + 1, a device scalar (no host read)
+    positions = position_ids_for(model_config, prompt)  # [3, 1, P]
+    start = positions.max() + 1  # where every completion starts: a device scalar (no host read)
     offsets = torch.cat([torch.arange(n) for n in layout.block_lengths])  # 0..len_i - 1 per completion
     completion = offsets.to(positions.device) + start
     return torch.cat([positions, completion.expand(3, 1, -1)], dim=2)
