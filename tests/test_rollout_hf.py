@@ -82,9 +82,14 @@ def test_rollout_benchmark_quick_run(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_rollout", os.path.join(repo, "benchmarks", "bench_rollout.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    with open(bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"])) as f:
+    from videor1.rollout.vllm import DEFAULT_PYTHON
+
+    with_vllm = os.path.exists(DEFAULT_PYTHON) or os.environ.get("VIDEOR1_REQUIRE_VLLM") == "1"
+    with open(bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"] + ([] if with_vllm else ["--no-vllm"]))) as f:
         rows = list(csv.DictReader(f))
-    assert {(r["provider"], r["metric"]) for r in rows} == {
-        (p, m) for p in ("hf-per-prompt", "hf-shared-prefill", "hf-batched")
-        for m in ("time_ms", "tokens_per_s", "x_vs_hf_per_prompt")}
+    names = ("hf-per-prompt", "hf-shared-prefill", "hf-batched") + (("vllm",) if with_vllm else ())
+    expected = {(p, m) for p in names for m in ("time_ms", "tokens_per_s", "x_vs_hf_per_prompt")}
+    if with_vllm:
+        expected |= {("vllm", m) for m in ("total_ms", "write_ms", "load_ms")}
+    assert {(r["provider"], r["metric"]) for r in rows} == expected
     assert all(float(r["p50"]) > 0 for r in rows)

@@ -88,6 +88,19 @@ class RolloutConfig:
     # One generate call per rank per step for every prompt's ordered and shuffled rows (each prompt
     # prefilled once; videor1.rollout.hf.generate_batch); false: one call per prompt and frame order.
     batch_requests: bool = True
+    # Who samples: "hf" (transformers' generate on the policy) or "vllm" (a vLLM server in its own venv,
+    # videor1.rollout.vllm; weights synced after every optimiser step). The vllm_* keys are the server's.
+    backend: str = _f("hf", choices=("hf", "vllm"))
+    vllm_url: str = ""  # a server the user started (http://127.0.0.1:PORT); empty: each node starts one
+    vllm_python: str = ""  # the vLLM venv's python; empty: .venv-vllm/bin/python (make vllm-env)
+    vllm_port: int = _f(0, ge=0)  # 0: a free port
+    vllm_start_timeout_s: float = _f(600.0, gt=0)  # a server not healthy by then fails the run, with its log
+    vllm_request_timeout_s: float = _f(600.0, gt=0)
+    vllm_max_model_len: int = _f(0, ge=0)  # 0: the checkpoint's
+    vllm_enforce_eager: bool = True  # no torch.compile / CUDA graphs: starts in ~45 s on a CPU; false on GPUs
+    vllm_kv_cache_gib: float = _f(1.0, gt=0)  # the CPU backend's KV cache (VLLM_CPU_KVCACHE_SPACE)
+    vllm_gpu_memory_utilization: float = _f(0.0, ge=0, le=1)  # 0: vLLM's default
+    vllm_tensor_parallel_size: int = _f(1, ge=1)
 
 
 @dataclass
@@ -480,6 +493,9 @@ RESUME_IGNORED_KEYS = (
     "train.report_to", "train.log_completions", "train.dist_timeout_s", "train.max_steps", "train.num_epochs",
     "data.cache_media", "data.max_skip_rate", "data.skip_rate_min_samples",
     "train.shared_prefix",  # the same losses and gradients either way (tests/test_shared_prefix.py)
+    # where the vLLM server runs and how it is reached, not what it samples (rollout.backend is kept)
+    "rollout.vllm_url", "rollout.vllm_python", "rollout.vllm_port", "rollout.vllm_start_timeout_s",
+    "rollout.vllm_request_timeout_s", "rollout.vllm_kv_cache_gib", "rollout.vllm_gpu_memory_utilization",
 )
 
 

@@ -179,6 +179,7 @@ class PromptStream:
         self.data_root = cfg.data.data_root or os.path.dirname(os.path.abspath(cfg.data.train_file))
         self.attempted = self.skipped = 0
         self.too_long = 0  # prompts over data.max_prompt_length (not decode failures: not in the skip rate)
+        self.rollout_failed = 0  # prompts whose rollouts failed (train.py counts them; kept across resumes)
         self.pending: list[int] = []  # rows drawn but held back for a batch of their data_type
         self.cache: dict[int, Media] = {}
 
@@ -246,13 +247,15 @@ class PromptStream:
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "pending": list(self.pending),
-                "attempted": self.attempted, "skipped": self.skipped, "too_long": self.too_long}
+                "attempted": self.attempted, "skipped": self.skipped, "too_long": self.too_long,
+                "rollout_failed": self.rollout_failed}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.pending = list(state["pending"])
         self.attempted, self.skipped = int(state["attempted"]), int(state["skipped"])
         self.too_long = int(state.get("too_long", 0))  # checkpoints written before the counter existed
+        self.rollout_failed = int(state.get("rollout_failed", 0))
 
 
 def build_models(cfg: Config, optimizer_steps: int, micro_batches_per_step: int, with_reference: bool):

@@ -16,8 +16,10 @@ Choices (the 7B model's in brackets):
   </answer> as single, non-special added tokens: a tiny model need not learn to spell the tags, and
   `skip_special_tokens=True` keeps them in decoded text, where the rewards look for them.
   config.vocab_size == len(tokenizer) (no padded rows, unlike Qwen's 151936 > 151665).
-- Text model: hidden 64, 2 layers, 4 heads of head_dim 16, 2 KV heads, MLP 256 [3584, 28, 28 x 128,
-  4, 18944]; mrope_section [2, 3, 3] sums to head_dim/2 = 8, in Qwen's 2:3:3 ratio [16, 24, 24].
+- Text model: hidden 64, 2 layers, 2 heads of head_dim 32, 1 KV head, MLP 256 [3584, 28, 28 x 128,
+  4, 18944]; mrope_section [4, 6, 6] sums to head_dim/2 = 16, in Qwen's 2:3:3 ratio [16, 24, 24].
+  head_dim 32 because vLLM's CPU attention serves no smaller head (16 fails: "Unsupported CPU
+  attention configuration"); the projections keep the shapes of 4 x 16 / 2 x 16 heads.
   tie_word_embeddings False: the trainer reads lm_head.weight for its fused loss kernels.
 - Vision model: depth 2, hidden 64, 4 heads, MLP 128 [32, 1280, 16, 3420], patch 14, temporal patch 2,
   spatial merge 2, out_hidden_size = text hidden. fullatt_block_indexes [depth - 1]: the last block attends over the
@@ -181,8 +183,8 @@ def mrope_section(head_dim: int) -> list[int]:
 DEFAULT_SIZES = dict(
     hidden=64,  # text hidden size, = vision out_hidden_size
     layers=2,  # text decoder layers
-    heads=4,
-    kv_heads=2,
+    heads=2,  # head_dim 32: the smallest vLLM's CPU attention serves
+    kv_heads=1,
     intermediate=256,  # text MLP
     vision_hidden=64,
     vision_depth=2,

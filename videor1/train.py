@@ -17,7 +17,6 @@ if __name__ == "__main__":  # run as a script: don't let videor1/*.py shadow top
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
-import contextlib
 import dataclasses
 import importlib
 import logging
@@ -35,7 +34,8 @@ from videor1.metrics import (MetricsLogger, StepTimer, check_report_to, peak_mem
                              summary_table)
 from videor1.rewards import get_reward, set_video_r1_compat
 from videor1.forward import build_inputs
-from videor1.rollout import Prompt, Request, decode, generate, generate_batch, truncated_completions, vision_token_ids
+from videor1.rollout import HFBackend, Prompt, Request, decode, truncated_completions, vision_token_ids
+from videor1.rollout import sampling_mode  # noqa: F401 - its old home; tests and users import it from here
 from videor1.sampler import PromptSampler
 from videor1.tgrpo import batch_reward_std, group_advantages, group_rewards, group_stats
 
@@ -135,6 +135,8 @@ class Group:
     truncated: torch.Tensor | None = None
     loss_mask: torch.Tensor | None = None
     loss_lengths: torch.Tensor | None = None
+    weight: float = 1.0  # 0: a copy that only keeps the ranks' passes in step (balance_groups)
+    rollout_logprobs: torch.Tensor | None = None  # [G, C] the sampler's log-probs (vLLM), device
 
     def __post_init__(self):
         if self.truncated is None:
@@ -157,6 +159,13 @@ class StepContext:
     eos_ids: list[int]
     pad_id: int
     suppress_ids: list[int]
+    backend: object | None = None  # a rollout backend (videor1.rollout); None: the HF backend
+    rollout_skipped: int = 0  # prompt groups whose rollouts failed (vLLM requests refused twice)
+
+    def rollout_backend(self):
+        if self.backend is None:
+            self.backend = HFBackend(self.cfg, eos_ids=self.eos_ids, pad_id=self.pad_id, suppress_ids=self.suppress_ids)
+        return self.backend
 
     @property
     def num_shuffled(self) -> int:
@@ -188,60 +197,61 @@ def loss_scale(cfg: Config, group: Group, groups: list[Group], global_tokens: fl
     return 1.0, {"num_items": max(1.0, global_tokens) / D.world_size()}
 
 
-@contextlib.contextmanager
-def sampling_mode(model):
-    """The model in eval mode while it samples: with activation checkpointing on, transformers turns
-    the KV cache off for a module in training mode (every token would recompute the whole prefix)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> list[Group]:
+def rollout_phase(ctx: StepContext, prompts: list[Prompt], timer: StepTimer, step: int = 0) -> list[Group]:
     """G rollouts per prompt on ordered frames (+ Gs on shuffled frames for videos), scored: every
-    request of the step sampled together (`sample`), each prompt's vision tower and prefill once.
+    request of the step sampled together by the rollout backend (ctx.backend: HF generate with each
+    prompt's vision tower and prefill once, or the vLLM server after a weight sync).
 
     Each prompt crosses to the model's device once (Prompt.to); completions stay there for
     training, and one CPU copy of them feeds the rewards. Completions that hit max_completion_length
     without an EOS are marked truncated; under algo.mask_truncated_completions their loss mask is
-    all zero (TRL: they are still scored and still count in their group's advantages)."""
+    all zero (TRL: they are still scored and still count in their group's advantages). A prompt
+    whose ordered or shuffled request failed twice (vLLM) is skipped: ctx.rollout_skipped counts it."""
     cfg, G, Gs = ctx.cfg, ctx.cfg.rollout.num_generations, ctx.num_shuffled
+    backend = ctx.rollout_backend()
+    with timer("weight_sync"):
+        backend.sync_weights(ctx.policy, step)  # vLLM: the weights of the last optimiser step; HF: nothing
     groups: list[Group] = []
-    with timer("rollout"), ctx.policy.full_weights() as model, sampling_mode(model):
+    with timer("rollout"):
         prompts = [p.to(ctx.policy.device) for p in prompts]
         shuffled = [cfg.algo.temporal and p.shuffled_vision is not None and Gs > 0 for p in prompts]
         requests = [Request(p, p.vision, G) for p in prompts]
         requests += [Request(p, p.shuffled_vision, Gs) for p, s in zip(prompts, shuffled) if s]
-        samples = sample(ctx, model, requests)
+        samples = backend.sample(ctx.policy, requests, step)
         ordered, rest = samples[:len(prompts)], iter(samples[len(prompts):])
-        for p, (ids, mask), s in zip(prompts, ordered, shuffled):
+        for p, got, s in zip(prompts, ordered, shuffled):
+            got_shuffled = next(rest) if s else None
+            if got is None or (s and got_shuffled is None):
+                ctx.rollout_skipped += 1
+                log.warning("problem %s: its rollouts failed twice; group skipped (%d so far)",
+                            p.row.get("problem_id"), ctx.rollout_skipped)
+                continue
+            ids, mask = got.ids, got.mask
             ids_cpu, mask_cpu = ids.cpu(), mask.cpu()
             texts = decode(ctx.tokenizer, ids_cpu, mask_cpu)
             g = Group(p, ids, mask, mask_cpu.sum(1), ctx.rewards(texts, p.row), texts=texts,
-                      truncated=truncated_completions(ids_cpu, mask_cpu, ctx.eos_ids, cfg.rollout.max_completion_length))
+                      truncated=truncated_completions(ids_cpu, mask_cpu, ctx.eos_ids, cfg.rollout.max_completion_length),
+                      rollout_logprobs=got.logprobs)
             if cfg.algo.mask_truncated_completions:
                 keep = ~g.truncated
                 g.loss_mask = mask * keep.to(ctx.policy.device)[:, None]
                 g.loss_lengths = g.lengths * keep
             if s:
-                s_ids, s_mask = next(rest)
-                texts = decode(ctx.tokenizer, s_ids.cpu(), s_mask.cpu())
+                texts = decode(ctx.tokenizer, got_shuffled.ids.cpu(), got_shuffled.mask.cpu())
                 g.shuffled_accuracy = ctx.rewards(texts, p.row, only=("accuracy",))["accuracy"]
             groups.append(g)
     return groups
 
 
-def sample(ctx: StepContext, model, requests: list[Request]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(completion_ids, mask) per request: one generate call for all (rollout.batch_requests), or
-    one per request (each prompt prefilled once unless train.shared_prefix is false)."""
-    cfg = ctx.cfg
-    if cfg.rollout.batch_requests:
-        return generate_batch(model, requests, cfg.rollout, ctx.eos_ids, ctx.pad_id, suppress_ids=ctx.suppress_ids)
-    return [generate(model, r.prompt, r.vision, r.num, cfg.rollout, ctx.eos_ids, ctx.pad_id,
-                     suppress_ids=ctx.suppress_ids, shared_prefill=cfg.train.shared_prefix) for r in requests]
+def balance_groups(groups: list[Group], target: int) -> list[Group] | None:
+    """Every rank runs `target` (the prompts per step) forward/backward passes: FSDP2 and ZeRO-3 gather
+    in each, and ZeRO-3's accumulation boundary counts them. A rank that skipped groups repeats its
+    first one with weight 0 (no gradient, no metrics). None, on every rank, when some rank has no
+    group at all: the step is skipped. Collective."""
+    fewest = -int(D.all_reduce_max([-float(len(groups))])[0])
+    if fewest == 0:
+        return None
+    return groups + [dataclasses.replace(groups[0], weight=0.0) for _ in range(target - len(groups))]
 
 
 def score_groups(cfg: Config, groups: list[Group]) -> None:
@@ -291,17 +301,20 @@ class PolicyStats:
 
 
 def policy_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> PolicyStats:
-    """Forward/backward per prompt group through the fused loss, one optimiser step per iteration."""
+    """Forward/backward per prompt group through the fused loss, one optimiser step per iteration
+    (groups of weight 0 run with a zero loss scale and stay out of the statistics)."""
     cfg = ctx.cfg
     loss_kwargs = dict(beta=cfg.algo.beta, eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high,
                        loss_type=cfg.algo.loss_type, importance_level=cfg.algo.importance_level,
                        kl_clamp=cfg.algo.kl_clamp, max_completion_length=cfg.rollout.max_completion_length)
-    global_tokens = float(D.all_reduce_sum([float(sum(g.loss_lengths.sum() for g in groups))])[0])
+    real = [g for g in groups if g.weight]  # the rest only keep the ranks' passes in step
+    global_tokens = float(D.all_reduce_sum([float(sum(g.loss_lengths.sum() for g in real))])[0])
     stats = PolicyStats()
     for _ in range(cfg.algo.num_iterations):
         with timer("policy"):
             for g in groups:
-                scale, extra = loss_scale(cfg, g, groups, global_tokens)
+                scale, extra = loss_scale(cfg, g, real, global_tokens)
+                scale *= g.weight
                 inputs = build_inputs(g.prompt, g.completion_ids, g.mask, shared=cfg.train.shared_prefix,
                                       lengths=g.lengths)
                 loss, m = ctx.policy(inputs, g.prompt.input_ids.numel(), g.completion_ids, mode="loss",
@@ -309,6 +322,8 @@ def policy_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> Pol
                                      loss_kwargs=dict(loss_kwargs, old_logprobs=g.old_logprobs,
                                                       ref_logprobs=g.ref_logprobs, **extra))
                 ctx.policy.backward(loss * scale)
+                if not g.weight:
+                    continue
                 n = float(g.loss_lengths.sum())
                 stats.loss += float(loss.detach()) * scale / cfg.algo.num_iterations
                 stats.kl_tokens += float(m["kl"]) * n
@@ -319,16 +334,23 @@ def policy_phase(ctx: StepContext, groups: list[Group], timer: StepTimer) -> Pol
     return stats
 
 
-def tgrpo_step(ctx: StepContext, prompts: list[Prompt], timer: StepTimer) -> tuple[list[Group], PolicyStats]:
-    """One T-GRPO step on this rank's prompts (CPU Prompts, as PromptStream.take returns them)."""
-    groups = rollout_phase(ctx, prompts, timer)
+def tgrpo_step(ctx: StepContext, prompts: list[Prompt], timer: StepTimer,
+               step: int = 0) -> tuple[list[Group], PolicyStats | None]:
+    """One T-GRPO step on this rank's prompts (CPU Prompts, as PromptStream.take returns them).
+    Returns the scored groups (weight-1 ones) and the loss statistics; (groups, None) when some rank
+    has no group left (every rollout request of it failed): the step is skipped on every rank."""
+    groups = rollout_phase(ctx, prompts, timer, step)
     score_groups(ctx.cfg, groups)
-    reference_phase(ctx, groups, timer)
-    return groups, policy_phase(ctx, groups, timer)
+    work = balance_groups(groups, len(prompts))
+    if work is None:
+        return groups, None
+    reference_phase(ctx, work, timer)
+    return groups, policy_phase(ctx, work, timer)
 
 
 def step_record(step: int, groups: list[Group], stats: PolicyStats, timer: StepTimer, step_time: float,
-                reward_errors: int, attempted: int, skipped: int, too_long: int = 0) -> dict:
+                reward_errors: int, attempted: int, skipped: int, too_long: int = 0, rollout_skipped: int = 0,
+                weight_sync: dict | None = None) -> dict:
     """The step's metrics over all ranks (collective): sums summed; means over every rollout (or
     every completion token, for kl and clip_ratio) of every rank; peak memory the largest rank's.
 
@@ -352,6 +374,7 @@ def step_record(step: int, groups: list[Group], stats: PolicyStats, timer: StepT
         "fired": float(sum(bool(g.temporal_applied) for g in video)),
         "seq_tokens": float(sum(g.lengths.sum() + g.lengths.numel() * g.prompt.input_ids.numel() for g in groups)),
         "reward_errors": reward_errors, "attempted": attempted, "skipped": skipped, "too_long": too_long,
+        "rollout_skipped": rollout_skipped,
         "n_groups": float(len(groups)), "reward_std": group_sum("reward_std"), "zero_std": group_sum("zero_std"),
         "all_correct": group_sum("all_correct"), "all_wrong": group_sum("all_wrong"),
         "clipped": float(sum(g.truncated.sum() for g in groups)),
@@ -376,7 +399,9 @@ def step_record(step: int, groups: list[Group], stats: PolicyStats, timer: StepT
         "grad_norm": last.grad_norm, "lr": last.lr, "step_skipped": not all(r.applied for r in stats.results),
         "reward_errors": int(total["reward_errors"]), "samples_skipped": int(total["skipped"]),
         "samples_attempted": int(total["attempted"]), "samples_too_long": int(total["too_long"]),
+        "rollouts_skipped": int(total["rollout_skipped"]),
         **{f"time/{k}": v for k, v in timer.times.items()}, "time/step": step_time,
+        **{f"weight_sync/{k}": v for k, v in (weight_sync or {}).items()},
         "tokens_per_s": total["seq_tokens"] / step_time, "peak_mem_gb": float(D.all_reduce_max([peak_memory_gb()])[0]),
     })
     return record
@@ -416,20 +441,28 @@ def main(argv: list[str] | None = None) -> str:
     G = cfg.rollout.num_generations
     Gs = G // 2 if cfg.rollout.num_shuffled < 0 else cfg.rollout.num_shuffled
 
+    # The rollout backend: with vLLM, this node's server starts loading now, while our models build.
+    backend = start_rollout_backend(cfg)
+
     # Models: the policy (trained) and the frozen reference, sharded the same way. The schedule
     # counts optimiser steps (num_iterations per training step).
     processor, policy, reference = session.build_models(cfg, optimizer_steps(cfg, total_steps), groups_per_step,
                                                         cfg.algo.beta > 0)
     tok = processor.tokenizer
     eos_ids, pad_id = session.special_ids(tok)
+    if backend is not None:
+        backend.configure(eos_ids=eos_ids, pad_id=pad_id, suppress_ids=vision_token_ids(tok),
+                          vision_pad_ids=[tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")])
+        backend.wait_ready()
     rewards = SafeRewards(cfg.algo.rewards)
-    ctx = StepContext(cfg, policy, reference, tok, rewards, eos_ids, pad_id, vision_token_ids(tok))
+    ctx = StepContext(cfg, policy, reference, tok, rewards, eos_ids, pad_id, vision_token_ids(tok), backend=backend)
 
     # Resume: model, optimiser, scheduler, RNGs, data position and counters, so the next steps match exactly.
     generators = {"shuffle": shuffle_gen}
     stream = session.PromptStream(cfg, rows, processor, sampler, shuffle_gen, shuffled=cfg.algo.temporal)
     stateful = {"stream": stream, "rewards": rewards}
     start_step = session.resume(cfg, policy, stateful, generators)
+    ctx.rollout_skipped = stream.rollout_failed
     logger = MetricsLogger(cfg.train.output_dir, cfg.train.report_to, main_rank, resume_step=start_step,
                            run_config=to_dict(cfg))
     session.write_run_config(cfg)
@@ -444,21 +477,29 @@ def main(argv: list[str] | None = None) -> str:
         t0 = time.perf_counter()
         with timer("data"):  # media decoded and patched by the fused kernel; shuffled copies for videos
             prompts = stream.take(groups_per_step)
-        groups, stats = tgrpo_step(ctx, prompts, timer)
-        record = step_record(step + 1, groups, stats, timer, time.perf_counter() - t0, rewards.total_errors,
-                             stream.attempted, stream.skipped, stream.too_long)
-        if record["step_skipped"] and main_rank:
-            log.warning("step %d: non-finite gradient (norm %s); update skipped", step + 1, record["grad_norm"])
-        stream.check_rate(record["samples_skipped"], record["samples_attempted"])
-        logger.log(record)  # every step; the console line and the completions sample every logging_steps
-        if main_rank and ((step + 1) % cfg.train.logging_steps == 0 or step + 1 == total_steps):
-            log.info(summary_line(record, total_steps))
-            if cfg.train.log_completions:
-                logger.log_completions(completion_sample(step + 1, groups[0]))
+        groups, stats = tgrpo_step(ctx, prompts, timer, step)
+        stream.rollout_failed = ctx.rollout_skipped
+        if stats is None:  # some rank has no group left (every rollout request of it failed twice)
+            if main_rank:
+                log.warning("step %d: a rank has no rollouts left (%d groups skipped so far); no update this step",
+                            step + 1, ctx.rollout_skipped)
+        else:
+            record = step_record(step + 1, groups, stats, timer, time.perf_counter() - t0, rewards.total_errors,
+                                 stream.attempted, stream.skipped, stream.too_long, ctx.rollout_skipped,
+                                 ctx.rollout_backend().last_sync)
+            if record["step_skipped"] and main_rank:
+                log.warning("step %d: non-finite gradient (norm %s); update skipped", step + 1, record["grad_norm"])
+            stream.check_rate(record["samples_skipped"], record["samples_attempted"])
+            logger.log(record)  # every step; the console line and the completions sample every logging_steps
+            if main_rank and ((step + 1) % cfg.train.logging_steps == 0 or step + 1 == total_steps):
+                log.info(summary_line(record, total_steps))
+                if cfg.train.log_completions:
+                    logger.log_completions(completion_sample(step + 1, groups[0]))
+            if progress is not None:
+                progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['acc/ordered']:.2f}",
+                                     kl=f"{record['kl']:.4f}", refresh=False)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['acc/ordered']:.2f}",
-                                 kl=f"{record['kl']:.4f}", refresh=False)
 
         # Checkpoint (atomic: written to a temp dir, then renamed), with an HF copy in checkpoint-N/hf.
         if cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0 and step + 1 < total_steps:
@@ -477,8 +518,23 @@ def main(argv: list[str] | None = None) -> str:
                           f"T-GRPO ({'temporal' if cfg.algo.temporal else 'plain GRPO'})")
         print(f"final model: {final_dir}\nmetrics: {logger.path}\nplot: {png}")
     logger.close()
+    ctx.rollout_backend().close()
     D.cleanup()
     return final_dir
+
+
+def start_rollout_backend(cfg: Config):
+    """None for rollout.backend "hf" (StepContext builds it); the vLLM backend otherwise, its server
+    starting (videor1.rollout.vllm.start_backend), stopped when this process exits however it exits."""
+    if cfg.rollout.backend != "vllm":
+        return None
+    import atexit
+
+    from videor1.rollout.vllm import start_backend
+
+    backend = start_backend(cfg, log_dir=cfg.train.output_dir)
+    atexit.register(backend.close)
+    return backend
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ its own unpadded sequence (tests/test_rollout_hf.py checks the batch against one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -31,6 +32,17 @@ class Request:
     prompt: Prompt
     vision: dict
     num: int
+
+
+@dataclasses.dataclass
+class Sampled:
+    """One request's completions, as every backend returns them: ids int64 [n, C] (pad_id after EOS),
+    mask int64 [n, C] (1 up to and including the first EOS), both on the policy's device, and the
+    sampled tokens' log-probs float32 [n, C] (0 where masked) when the backend reports them (vLLM)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor | None = None
 
 
 def _prefill(module):
@@ -135,3 +147,49 @@ def generate_batch(module, requests: list[Request], cfg: RolloutConfig, eos_ids:
         keep = max(1, used)
         results.append((completion[:, :keep], mask[:, :keep]))
     return results
+
+
+@contextlib.contextmanager
+def sampling_mode(model):
+    """The model in eval mode while it samples: with activation checkpointing on, transformers turns
+    the KV cache off for a module in training mode (every token would recompute the whole prefix)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class HFBackend:
+    """Rollouts with transformers' generate on the policy itself (the default; no second venv).
+
+    sample() holds the engine's full weights for the whole phase (engine.full_weights(): one
+    all-gather, not one per generated token) and calls generate_batch (rollout.batch_requests) or
+    generate per request. Weights need no sync: the policy samples itself."""
+
+    name = "hf"
+
+    def __init__(self, cfg, *, eos_ids: list[int], pad_id: int, suppress_ids: list[int]):
+        self.cfg, self.eos_ids, self.pad_id, self.suppress_ids = cfg, eos_ids, pad_id, suppress_ids
+        self.last_sync: dict = {}
+
+    def sync_weights(self, engine, version: int) -> dict:
+        return {}
+
+    def sample(self, engine, requests: list[Request], step: int) -> list[Sampled]:
+        """A Sampled per request (no log-probs), on the engine's device. step: unused (generate draws
+        from torch's global generator, which the checkpoints save)."""
+        cfg = self.cfg
+        with engine.full_weights() as model, sampling_mode(model):
+            if cfg.rollout.batch_requests:
+                out = generate_batch(model, requests, cfg.rollout, self.eos_ids, self.pad_id,
+                                     suppress_ids=self.suppress_ids)
+            else:
+                out = [generate(model, r.prompt, r.vision, r.num, cfg.rollout, self.eos_ids, self.pad_id,
+                                suppress_ids=self.suppress_ids, shared_prefill=cfg.train.shared_prefix)
+                       for r in requests]
+        return [Sampled(ids, mask) for ids, mask in out]
+
+    def close(self) -> None:
+        pass

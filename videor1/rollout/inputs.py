@@ -28,12 +28,19 @@ class Prompt:
     vision: model kwargs of one sample (pixel_values_videos [N, 1176], video_grid_thw [1, 3],
         second_per_grid_ts [1]; or pixel_values / image_grid_thw for an image)
     shuffled_vision: the same for the shuffled-frame copy, or None (images, or plain GRPO)
+    media: the decoded frames the patches were made from (CPU uint8 [T, H, W, 3], or [H, W, 3] for
+        an image), kept for rollout servers that patch them themselves (videor1.rollout.vllm)
+    shuffle_order: int64 [T], the frame order of shuffled_vision (None without it)
+    pixel_bounds: (min_pixels, max_pixels) the frames were resized within
     """
 
     row: dict
     input_ids: torch.Tensor
     vision: dict
     shuffled_vision: dict | None = None
+    media: "Media | None" = None
+    shuffle_order: torch.Tensor | None = None
+    pixel_bounds: tuple[int, int] | None = None
 
     @property
     def is_video(self) -> bool:
@@ -45,7 +52,8 @@ class Prompt:
         def move(vis: dict | None) -> dict | None:
             return None if vis is None else {k: v.to(device) for k, v in vis.items()}
 
-        return Prompt(self.row, self.input_ids.to(device), move(self.vision), move(self.shuffled_vision))
+        return dataclasses.replace(self, input_ids=self.input_ids.to(device), vision=move(self.vision),
+                                   shuffled_vision=move(self.shuffled_vision))  # media stays on the CPU
 
 
 def _expand_pad(text: str, token: str, count: int) -> str:
@@ -99,7 +107,7 @@ def build_prompt(row: dict, media: Media, processor, data: DataConfig, *, shuffl
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Prompt:
     """Patches (fused frame-to-patch kernel) and token ids of a row; a shuffled-frame copy when asked."""
     text = processor.apply_chat_template(build_messages(row), tokenize=False, add_generation_prompt=True)
-    shuffled_vision = None
+    shuffled_vision, order = None, None
     if row["data_type"] == "video":
         min_px, max_px = video_pixel_bounds(data, media.frames.shape[0])
         px = dict(min_pixels=min_px, max_pixels=max_px, dtype=dtype)
@@ -111,14 +119,18 @@ def build_prompt(row: dict, media: Media, processor, data: DataConfig, *, shuffl
             s_pixels, _ = vision.frames_to_patches(media.frames, frame_order=order, **px)
             shuffled_vision = dict(vis, pixel_values_videos=s_pixels)
         text = _expand_pad(text, "<|video_pad|>", int(grid.prod()) // MERGE**2)
+        bounds = (int(min_px), int(max_px))
     else:
         pixels, grid = vision.image_to_patches(
             media.frames, min_pixels=data.image_min_pixels, max_pixels=data.image_max_pixels, dtype=dtype
         )
         vis = {"pixel_values": pixels, "image_grid_thw": grid.view(1, 3)}
         text = _expand_pad(text, "<|image_pad|>", int(grid.prod()) // MERGE**2)
+        bounds = (int(data.image_min_pixels), int(data.image_max_pixels))
     ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    return Prompt(row=row, input_ids=ids, vision=vis, shuffled_vision=shuffled_vision)
+    media = Media(media.frames, second_per_grid_t(data, media) if row["data_type"] == "video" else None)
+    return Prompt(row=row, input_ids=ids, vision=vis, shuffled_vision=shuffled_vision, media=media,
+                  shuffle_order=order, pixel_bounds=bounds)
 
 
 def prepare_prompt(row: dict, processor, data: DataConfig, data_root: str, *, shuffled: bool,
