@@ -192,3 +192,16 @@ def test_adamw_decays_matrices_only_as_hf_trainer():
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert [p is layer.weight or p is flat for p in decay["params"]] == [True, True]
     assert len(no_decay["params"]) == 3 and all(p.dim() == 1 and p is not flat for p in no_decay["params"])
+
+
+def test_balance_groups_pads_with_weightless_copies_or_skips_the_step():
+    """A rank that lost groups (vLLM requests refused twice) runs as many passes as the others: copies of
+    its first group with weight 0 (loss scale 0, out of the statistics). No group left: no step."""
+    from videor1.train import balance_groups
+
+    a, b = _group([1.0, 0.0], [3, 4], None, None), _group([0.0, 1.0], [2, 2], None, None)
+    work = balance_groups([a, b], 4)
+    assert [g.weight for g in work] == [1.0, 1.0, 0.0, 0.0]
+    assert work[2].completion_ids is a.completion_ids and a.weight == 1.0  # a copy, the original untouched
+    assert balance_groups([a, b], 2) == [a, b]
+    assert balance_groups([], 2) is None
