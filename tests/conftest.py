@@ -19,6 +19,14 @@ def tiny_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_vllm_ckpt(tmp_path_factory):
+    """The tiny checkpoint in the shape vLLM's CPU attention serves (videor1.tiny.VLLM_SIZES: head_dim 32)."""
+    from videor1.tiny import VLLM_SIZES, build_tiny_checkpoint
+
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt_vllm") / "tiny"), seed=0, **VLLM_SIZES)
+
+
+@pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
     """A small synthetic Video-R1 dataset: 12 rows cycling every task (videos and images), 8 frames of 64x64."""
     from videor1.synthetic import generate_dataset

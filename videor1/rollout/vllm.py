@@ -154,6 +154,8 @@ class VLLMClient:
             raise VLLMRequestError(f"vLLM server {self.url}{path}: HTTP {e.code}: {detail[:2000]}") from None
         except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError, socket.timeout) as e:
             if self.server is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.server.proc.wait(5.0)  # a dying server drops the connection just before it exits
                 self.server.check_alive()  # raises with the exit code and the log when it died
             raise VLLMServerError(f"vLLM server {self.url}{path} unreachable: {e}") from None
 
