@@ -143,7 +143,7 @@ class VLLMClient:
     def __init__(self, url: str, *, timeout_s: float = 600.0, server: VLLMServer | None = None):
         self.url, self.timeout_s, self.server = url.rstrip("/"), timeout_s, server
 
-    def _call(self, path: str, body: dict | None = None, timeout_s: float | None = None) -> dict:
+    def _call(self, path: str, body: dict | None = None, timeout_s: float | None = None, grace_s: float = 5.0) -> dict:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
         try:
@@ -155,12 +155,12 @@ class VLLMClient:
         except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError, socket.timeout) as e:
             if self.server is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.server.proc.wait(5.0)  # a dying server drops the connection just before it exits
+                    self.server.proc.wait(grace_s)  # a dying server drops the connection just before it exits
                 self.server.check_alive()  # raises with the exit code and the log when it died
             raise VLLMServerError(f"vLLM server {self.url}{path} unreachable: {e}") from None
 
-    def health(self, timeout_s: float = 5.0) -> dict:
-        return self._call("/health", timeout_s=timeout_s)
+    def health(self, timeout_s: float = 5.0, grace_s: float = 5.0) -> dict:
+        return self._call("/health", timeout_s=timeout_s, grace_s=grace_s)
 
     def wait_ready(self, timeout_s: float) -> dict:
         """Poll /health until the server answers; fail (stopping a server we started) after timeout_s."""
@@ -169,7 +169,7 @@ class VLLMClient:
             if self.server is not None:
                 self.server.check_alive()
             try:
-                return self.health()
+                return self.health(grace_s=0.0)  # refused while it loads: poll again, don't wait
             except VLLMServerError as e:
                 if self.server is not None and self.server.proc.poll() is not None:
                     raise
