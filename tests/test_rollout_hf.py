@@ -90,6 +90,6 @@ def test_rollout_benchmark_quick_run(tmp_path):
     names = ("hf-per-prompt", "hf-shared-prefill", "hf-batched") + (("vllm",) if with_vllm else ())
     expected = {(p, m) for p in names for m in ("time_ms", "tokens_per_s", "x_vs_hf_per_prompt")}
     if with_vllm:
-        expected |= {("vllm", m) for m in ("total_ms", "write_ms", "load_ms")}
+        expected |= {(f"vllm-{t}", m) for t in ("shm", "gloo") for m in ("total_ms", "gather_ms", "send_ms", "load_ms")}
     assert {(r["provider"], r["metric"]) for r in rows} == expected
     assert all(float(r["p50"]) > 0 for r in rows)

@@ -9,16 +9,20 @@ What is checked against vLLM itself:
 - after a T-GRPO step, the server's log-probs of a fixed completion differ from the new policy's until
   the weights are synced, then agree within 1e-4 (fp32); the rollouts' own log-probs equal the
   reference model's (the weights they were sampled with) within 1e-4;
+- the same after a second step with the weights sent over the gloo transfer group (the GPU path's
+  code with gloo in place of NCCL), and the group itself across the two torch builds;
 - a 2-process torchrun run with --rollout.backend vllm trains 2 steps (test_train_vllm_two_processes).
 
 Without .venv-vllm these tests skip, unless VIDEOR1_REQUIRE_VLLM=1 (make test sets it), which fails them.
 """
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -28,7 +32,7 @@ import torch.distributed as dist
 
 from videor1.rollout import Request, prepare_prompt, vision_token_ids
 from videor1.rollout.vllm import (DEFAULT_PYTHON, VLLMBackend, VLLMClient, VLLMRequestError, VLLMServer,
-                                  VLLMServerError, collapse_pads)
+                                  VLLMServerError, collapse_pads, free_port)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -243,6 +247,21 @@ def test_weights_reach_the_server_after_a_step(server, one_rank_group, tiny_vllm
     fresh = backend.score(request, completion)
     assert (fresh - ours).abs().max() <= 1e-4, float((fresh - ours).abs().max())
     assert backend.sync_weights(policy, version=1) == {}  # already there
+    assert backend.transfer == "shm"  # auto without CUDA
+
+    # Another step, its weights over the gloo transfer group (the GPU path's code, on the CPU).
+    cfg.rollout.vllm_weight_transfer, backend.transfer = "gloo", None
+    groups, stats = tgrpo_step(ctx, prompts, StepTimer(), step=1)
+    assert stats is not None and backend.weights_version == 1
+    with torch.no_grad():
+        ours = policy(inputs, g.prompt.input_ids.numel(), ids, mode="logprobs",
+                      completion_mask=torch.ones_like(ids))[0].double()
+    assert (backend.score(request, completion) - ours).abs().max() > 1e-3
+    info = backend.sync_weights(policy, version=2)
+    assert backend.transfer == "gloo" and backend.group is not None and client.health()["weights_version"] == 2
+    assert info["bytes"] == backend.last_sync["bytes"] > 0 and info["send_s"] > 0
+    fresh = backend.score(request, completion)
+    assert (fresh - ours).abs().max() <= 1e-4, float((fresh - ours).abs().max())
     backend.close()
 
 
@@ -288,6 +307,80 @@ def _fake_requests(tiny_vllm_ckpt, synth_data, synth_rows, synth_data_cfg, n_pro
 
 class _Engine:
     device = torch.device("cpu")
+
+    def __init__(self, model=None):
+        self.model = model
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        yield self.model
+
+
+def test_the_transfer_group_works_across_the_two_torch_builds(tmp_path):
+    """videor1_weight_transfer between our torch (rank 0) and .venv-vllm's (rank 1; a plain process, no
+    vLLM): a probe, then tensors of several dtypes and odd shapes arrive bit for bit, in spec order."""
+    from videor1.rollout.vllm_server.videor1_weight_transfer import WeightGroup, probe, spec
+
+    python = DEFAULT_PYTHON if HAVE_VLLM else sys.executable  # our torch on both ends without the venv
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=gen), "b.weight": torch.randn(7, generator=gen).bfloat16(),
+               "c": torch.randint(-9, 9, (2, 1, 3), generator=gen), "d": torch.tensor([1e30, -0.0, float("inf")])}
+    specs = [spec(k, t.dtype, t.shape) for k, t in tensors.items()]
+    port = free_port()
+    child = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.join(REPO, "videor1", "rollout", "vllm_server")!r})
+        from videor1_weight_transfer import WeightGroup, probe
+        g = WeightGroup("127.0.0.1", {port}, 1, 2, "gloo", 60)
+        probe(g)
+        got = dict(g.receive({specs!r}))
+        torch.save(got, {str(tmp_path / "got.pt")!r})
+        print("torch", torch.__version__)
+    """)
+    proc = subprocess.Popen([python, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})
+    group = WeightGroup("127.0.0.1", port, 0, 2, "gloo", 60)
+    probe(group)
+    for t in tensors.values():
+        group.broadcast(t)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    got = torch.load(tmp_path / "got.pt")
+    assert list(got) == list(tensors)
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+    group.close()
+
+
+def test_an_explicit_transfer_group_that_cannot_form_fails_clearly(tmp_path, tiny_vllm_ckpt):
+    srv, client = _fake(tmp_path, "")
+    client.wait_ready(30)
+    cfg = _cfg(tiny_vllm_ckpt)
+    cfg.rollout.vllm_weight_transfer, cfg.rollout.vllm_request_timeout_s = "gloo", 5.0
+    backend = VLLMBackend(cfg, client, owner=True)
+    with pytest.raises(VLLMServerError, match=r"rollout.vllm_weight_transfer=gloo: the transfer group with the "
+                                              r"vLLM server could not be set up(.|\n)*no worker can join"):
+        backend.sync_weights(_Engine(torch.nn.Linear(3, 2)), version=1)
+    assert backend.weights_version is None
+    backend.close()
+
+
+def test_auto_transfer_falls_back_to_shared_memory_when_nccl_cannot_form(tmp_path, tiny_vllm_ckpt, monkeypatch):
+    """auto on a CUDA trainer tries nccl; when the group cannot form (here: no GPU, and a server that
+    cannot join) the weights go through /dev/shm instead, and every tensor arrives."""
+    srv, client = _fake(tmp_path, "")
+    client.wait_ready(30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cfg = _cfg(tiny_vllm_ckpt)
+    cfg.rollout.vllm_request_timeout_s = 5.0
+    backend = VLLMBackend(cfg, client, owner=True)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    info = backend.sync_weights(_Engine(model), version=1)
+    assert backend.transfer == "shm" and backend.group is None and backend.weights_version == 1
+    assert info["bytes"] == 4 * sum(p.numel() for p in model.parameters())
+    assert not os.listdir(backend.shm_dir)  # the file is removed once loaded
+    backend.close()
 
 
 def test_a_server_that_dies_mid_run_fails_the_run_clearly(tmp_path, tiny_vllm_ckpt, synth_data, synth_rows,
@@ -367,7 +460,8 @@ def test_train_vllm_two_processes(tiny_vllm_ckpt, synth_data, tmp_path):
         pytest.fail(".venv-vllm is missing")
     out = tmp_path / "run"
     proc = torchrun(base_args(tiny_vllm_ckpt, synth_data, out) + ["--train.max_steps", "2", "--rollout.backend", "vllm",
-                                                             "--rollout.vllm_max_model_len", "4096"], timeout=900)
+                                                             "--rollout.vllm_max_model_len", "4096",
+                                                             "--rollout.vllm_weight_transfer", "gloo"], timeout=900)
     check_ok(proc)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
@@ -377,5 +471,7 @@ def test_train_vllm_two_processes(tiny_vllm_ckpt, synth_data, tmp_path):
     logs = [f for f in os.listdir(out) if f.startswith("vllm_server")]
     assert logs == ["vllm_server_rank0.log"]  # one server for the node
     with open(out / logs[0]) as f:
-        assert f.read().count("videor1.vllm_server: loaded 57 tensors (version") == 2  # one weight load per step
+        server_log = f.read()
+    assert server_log.count("videor1.vllm_server: loaded 57 tensors (version") == 2  # one weight load per step
+    assert "joined the trainer's gloo weight-transfer group as ranks [1] of 2" in server_log
     assert os.path.exists(out / "final" / "model.safetensors")

@@ -101,6 +101,10 @@ class RolloutConfig:
     vllm_kv_cache_gib: float = _f(1.0, gt=0)  # the CPU backend's KV cache (VLLM_CPU_KVCACHE_SPACE)
     vllm_gpu_memory_utilization: float = _f(0.0, ge=0, le=1)  # 0: vLLM's default
     vllm_tensor_parallel_size: int = _f(1, ge=1)
+    # How the weights reach the server after each step: "nccl" (a torch.distributed group with its
+    # workers, GPU to GPU), "gloo" (the same group on the CPU), "shm" (a safetensors file in /dev/shm);
+    # "auto": nccl when the trainer has CUDA, else shm, and shm if the nccl group cannot be set up.
+    vllm_weight_transfer: str = _f("auto", choices=("auto", "nccl", "gloo", "shm"))
 
 
 @dataclass
@@ -496,6 +500,7 @@ RESUME_IGNORED_KEYS = (
     # where the vLLM server runs and how it is reached, not what it samples (rollout.backend is kept)
     "rollout.vllm_url", "rollout.vllm_python", "rollout.vllm_port", "rollout.vllm_start_timeout_s",
     "rollout.vllm_request_timeout_s", "rollout.vllm_kv_cache_gib", "rollout.vllm_gpu_memory_utilization",
+    "rollout.vllm_weight_transfer",
 )
 
 

@@ -11,8 +11,11 @@ vLLM pins another torch and transformers than ours, so it runs as a separate pro
 Each request carries exactly what training uses: our prompt token ids (with one vision pad per
 video, which vLLM expands to the same count we did: tests/test_rollout_vllm.py), the uint8 frames we
 sampled in their order (the shuffled copy as its own request, its frames permuted as our shuffled
-patches), fps = 2 / second_per_grid_t with frame sampling off, and our pixel bounds. Weights go to
-the server through a safetensors file in shared memory (/dev/shm), which vLLM loads in place.
+patches), fps = 2 / second_per_grid_t with frame sampling off, and our pixel bounds. Weights reach
+the server after every optimiser step (rollout.vllm_weight_transfer): over a torch.distributed group
+with its workers, one broadcast per tensor (NCCL on GPUs, gloo on the CPU;
+vllm_server/videor1_weight_transfer.py), or as a safetensors file in shared memory (/dev/shm); vLLM
+loads them in place either way.
 
 Failures: a server that cannot start fails within rollout.vllm_start_timeout_s with the last lines
 of its log; a server that dies mid-run fails the run with its exit code and log; a request that
@@ -21,6 +24,7 @@ vLLM rejects is retried once, then its group is skipped (logged and counted by t
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import http.client
@@ -32,6 +36,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -185,8 +190,29 @@ class VLLMClient:
     def generate(self, requests: list[dict], sampling: dict) -> list[dict]:
         return self._call("/generate", {"requests": requests, "sampling": sampling})["outputs"]
 
-    def load_weights(self, path: str, version: int) -> dict:
-        return self._call("/load_weights", {"path": path, "version": version})
+    def load_weights(self, version: int, *, path: str | None = None, specs: list | None = None) -> dict:
+        """Load weights from a safetensors file (`path`) or, with `specs`, from the transfer group."""
+        body = {"version": version, **({"specs": specs} if specs is not None else {"path": path})}
+        return self._call("/load_weights", body)
+
+    def init_weight_transfer(self, *, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> dict:
+        return self._call("/init_weight_transfer", {"host": host, "port": port, "world_size": world_size,
+                                                    "backend": backend, "timeout_s": timeout_s})
+
+
+def in_background(fn, *args, **kwargs) -> concurrent.futures.Future:
+    """fn(*args, **kwargs) on a daemon thread, which never holds up the process's exit (a pool's
+    worker would: a run failing here must not wait out the other side's timeout first)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
 
 
 def collapse_pads(ids: list[int], pad_ids: set[int]) -> list[int]:
@@ -219,6 +245,8 @@ class VLLMBackend:
         self.shm_dir = shm_dir or tempfile.mkdtemp(prefix=f"videor1-vllm-{os.getpid()}-", dir=root)
         self.weights_version: int | None = None
         self.last_sync: dict = {}
+        self.transfer: str | None = None  # "shm" | "nccl" | "gloo", resolved at the first sync (owner)
+        self.group = None  # the owner's end of the transfer group (nccl / gloo)
 
     def configure(self, *, eos_ids: list[int], pad_id: int, suppress_ids: list[int], vision_pad_ids: list[int]) -> None:
         """The tokenizer's ids (known once the processor is loaded): stop tokens, the completion pad,
@@ -336,43 +364,113 @@ class VLLMBackend:
 
     # -- weights ---------------------------------------------------------------------------------
 
+    def _resolve_transfer(self) -> str:
+        """The owner's weight path (rollout.vllm_weight_transfer), chosen at the first sync: "shm", or
+        "nccl" / "gloo" with self.group joined by the server's workers. "auto": nccl with CUDA, else shm,
+        and shm (logged) when the nccl group cannot be set up; an explicit choice that fails raises."""
+        if self.transfer is not None:
+            return self.transfer
+        want = self.cfg.rollout.vllm_weight_transfer
+        mode = ("nccl" if torch.cuda.is_available() else "shm") if want == "auto" else want
+        if mode != "shm":
+            try:
+                self.group = self._open_group(mode)
+            except (VLLMServerError, VLLMRequestError, RuntimeError, ValueError, TimeoutError) as e:
+                if want != "auto":
+                    raise VLLMServerError(f"rollout.vllm_weight_transfer={want}: the transfer group with the vLLM "
+                                          f"server could not be set up: {e}") from e
+                log.warning("weight transfer over %s could not be set up (%s); using shared memory", mode, e)
+                mode = "shm"
+        log.info("vLLM weight sync through %s", "a file in " + self.shm_dir if mode == "shm" else mode)
+        self.transfer = mode
+        return mode
+
+    def _open_group(self, backend: str):
+        """Rank 0 of a transfer group whose ranks 1..N are the server's N workers (the server joins it
+        while we do: both sides block until every rank is in, then check a probe tensor)."""
+        from videor1.rollout.vllm_server.videor1_weight_transfer import WeightGroup, probe
+
+        workers = int(self.client.health().get("workers", 1))
+        port, timeout = free_port(), self.cfg.rollout.vllm_request_timeout_s
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+        def rank0():
+            group = WeightGroup("127.0.0.1", port, 0, 1 + workers, backend, timeout, device=device)
+            probe(group)
+            return group
+
+        ours = in_background(rank0)
+        # The server's reply comes once its workers are in and hold the probe; a failure there raises
+        # here, and our half then fails on its own timeout, in the background.
+        self.client.init_weight_transfer(host="127.0.0.1", port=port, world_size=1 + workers, backend=backend,
+                                         timeout_s=timeout)
+        return ours.result(timeout=timeout)
+
     def sync_weights(self, engine, version: int) -> dict:
         """The policy's full weights to the server (collective: every rank calls it). engine: an engine
-        of videor1.engine (full_weights() gathers them). Returns {"seconds", "gather_s", "write_s",
-        "load_s", "bytes"}; a no-op when `version` is already loaded."""
+        of videor1.engine (full_weights() gathers them). Each tensor is gathered (DTensor full_tensor,
+        every rank in the same order), cast to model.dtype and, on the node's owner, either broadcast to
+        the server's workers at once (nccl / gloo) or kept for one safetensors file in /dev/shm (shm).
+        Returns {"seconds", "gather_s", "send_s" (broadcasts, or the file write), "load_s" (the server's
+        reply after the last byte), "bytes"}; {} when `version` is already loaded."""
         if version == self.weights_version:
             return {}
         t0 = time.perf_counter()
+        mode = self._resolve_transfer() if self.owner else None
         dtype = getattr(torch, self.cfg.model.dtype)
+        info = {"gather_s": 0.0, "send_s": 0.0, "load_s": 0.0, "bytes": 0}
         state: dict[str, torch.Tensor] = {}
         with engine.full_weights() as model:
-            hf = getattr(model, "hf", model)
-            for name, p in hf.named_parameters():
+            params = list(getattr(model, "hf", model).named_parameters())
+            if mode in ("nccl", "gloo"):
+                from videor1.rollout.vllm_server.videor1_weight_transfer import spec
+
+                reply = in_background(self.client.load_weights, version,
+                                      specs=[spec(name, dtype, p.shape) for name, p in params])
+            for name, p in params:
+                t1 = time.perf_counter()
                 t = p.detach()
                 if hasattr(t, "full_tensor"):  # a DTensor: collective, every rank in the same order
                     t = t.full_tensor()
-                if self.owner:
-                    state[name] = t.to("cpu", dtype, copy=True).contiguous()  # own storage (FSDP2 views share one)
-        gather_s = time.perf_counter() - t0
-        info = {"gather_s": gather_s, "write_s": 0.0, "load_s": 0.0, "bytes": 0}
-        if self.owner:
-            from safetensors.torch import save_file
-
-            path = os.path.join(self.shm_dir, "weights.safetensors")
-            t1 = time.perf_counter()
-            save_file(state, path + ".tmp")
-            os.replace(path + ".tmp", path)  # the server never reads a half-written file
-            info["bytes"] = os.path.getsize(path)
-            t2 = time.perf_counter()
-            reply = self.client.load_weights(path, version)
-            if reply.get("tensors") != len(state):
-                raise VLLMServerError(f"the vLLM server loaded {reply.get('tensors')} tensors of {len(state)}")
-            os.remove(path)
-            info.update(write_s=t2 - t1, load_s=time.perf_counter() - t2)
+                t2 = time.perf_counter()
+                info["gather_s"] += t2 - t1
+                if mode is None:
+                    continue
+                if mode == "shm":
+                    t = state[name] = t.to("cpu", dtype, copy=True).contiguous()  # own storage (FSDP2 views share one)
+                else:
+                    t = self.group.broadcast(t.to(self.group.device, dtype).contiguous())
+                info["bytes"] += t.numel() * t.element_size()
+                info["send_s"] += time.perf_counter() - t2
+            if mode is not None:
+                t3 = time.perf_counter()
+                if mode == "shm":
+                    reply = self._load_from_file(state, version)
+                    info["send_s"] += reply["write_s"]
+                    t3 += reply.pop("write_s")
+                else:
+                    reply = reply.result()
+                if reply.get("tensors") != len(params):
+                    raise VLLMServerError(f"the vLLM server loaded {reply.get('tensors')} tensors of {len(params)}")
+                info["load_s"] = time.perf_counter() - t3
         D.barrier()  # no rank samples before its node's server holds the new weights
         info["seconds"] = time.perf_counter() - t0
         self.weights_version, self.last_sync = version, info
         return info
+
+    def _load_from_file(self, state: dict[str, torch.Tensor], version: int) -> dict:
+        """shm: write `state` as one safetensors file (atomic rename: the server never reads a half-written
+        file), have the server load it, remove it. Returns the server's reply plus "write_s"."""
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.shm_dir, "weights.safetensors")
+        t0 = time.perf_counter()
+        save_file(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        write_s = time.perf_counter() - t0
+        reply = self.client.load_weights(version, path=path)
+        os.remove(path)
+        return {**reply, "write_s": write_s}
 
     def wait_ready(self) -> dict:
         """Block until the server answers /health (rollout.vllm_start_timeout_s); logs what it serves."""
@@ -384,6 +482,9 @@ class VLLMBackend:
 
     def close(self) -> None:
         """Stop the server this run started (if any) and remove the shared-memory files."""
+        if self.group is not None:
+            self.group.close()
+            self.group = None
         if self.client.server is not None:
             self.client.server.stop()
         shutil.rmtree(self.shm_dir, ignore_errors=True)

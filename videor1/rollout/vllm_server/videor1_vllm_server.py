@@ -2,16 +2,21 @@
 
     .venv-vllm/bin/python videor1/rollout/vllm_server/videor1_vllm_server.py --model runs/demo/tiny --port 8000
 
-It imports only the standard library, numpy, safetensors and vLLM (nothing of videor1), and it is
-reached over loopback by videor1.rollout.vllm (the client, in the trainer's venv). This folder holds
-nothing else, so it can be put on sys.path (PYTHONPATH) for vLLM's worker processes, which import
-the weight-loading extension below by its qualified name, without shadowing any package.
+It imports only the standard library, numpy, safetensors, vLLM and its sibling videor1_weight_transfer
+(torch only; nothing of videor1's package), and it is reached over loopback by videor1.rollout.vllm
+(the client, in the trainer's venv). This folder holds only these two modules, whose names no
+package uses, so it can be put on sys.path (PYTHONPATH) for vLLM's worker processes, which import
+the weight-loading extension below by its qualified name.
 
 HTTP + JSON, one request at a time (a lock around the engine; the trainer's ranks take turns):
 
     GET  /health        {"ok": true, "model": ..., "vllm": ..., "weights_version": n}
     POST /generate      {"requests": [...], "sampling": {...}} -> {"outputs": [...]}
     POST /load_weights  {"path": "/dev/shm/.../weights.safetensors", "version": n} -> {"seconds": s, "tensors": k}
+                        or {"specs": [[name, dtype, shape], ...], "version": n}: the tensors arrive by
+                        broadcast over the transfer group (videor1_weight_transfer), in that order
+    POST /init_weight_transfer {"host", "port", "world_size", "backend": "nccl" | "gloo", "timeout_s"}
+                        every worker joins the trainer's group (rank 0 = the trainer) -> {"ranks": [...]}
 
 A request: {"prompt_token_ids": [...] (one vision pad per video or image: vLLM expands it),
 "video": {"path": .npy of uint8 [T, H, W, 3], "fps": f} | "image": {"path": .npy of uint8 [H, W, 3]},
@@ -62,6 +67,34 @@ class WeightLoader:
             self.model_runner.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
         return count
 
+    def init_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> int:
+        """Join the trainer's transfer group as rank 1 + this worker's rank; receive its probe tensor."""
+        from videor1_weight_transfer import WeightGroup, probe
+
+        rank = 1 + self.rank
+        self.weight_group = WeightGroup(host, port, rank, world_size, backend, timeout_s, device=self.device)
+        probe(self.weight_group)
+        return rank
+
+    def load_weights_from_group(self, specs: list) -> int:
+        """Receive len(specs) tensors from the trainer, one broadcast each, straight into the reload.
+        The rest of the stream is drained whatever happens, so the trainer's broadcasts never hang."""
+        count = 0
+
+        def tensors():
+            nonlocal count
+            for item in self.weight_group.receive(specs):
+                count += 1
+                yield item
+
+        stream = tensors()
+        try:
+            self.model_runner.reload_weights(weights_iterator=stream, is_checkpoint_format=True)
+        finally:
+            for _ in stream:
+                pass
+        return count
+
 
 def video_input(spec: dict):
     """(frames uint8 [T, H, W, 3], metadata) as vLLM's Qwen2.5-VL processor takes a pre-sampled video:
@@ -101,11 +134,13 @@ class Server:
         self.model = args.model
         self.lock = threading.Lock()
         self.weights_version = 0
+        self.workers = args.tensor_parallel_size  # the weight-transfer group's ranks 1..workers
 
     def health(self) -> dict:
         import vllm
 
-        return {"ok": True, "model": self.model, "vllm": vllm.__version__, "weights_version": self.weights_version}
+        return {"ok": True, "model": self.model, "vllm": vllm.__version__, "weights_version": self.weights_version,
+                "workers": self.workers}
 
     def sampling_params(self, sampling: dict, req: dict):
         from vllm import SamplingParams
@@ -165,10 +200,23 @@ class Server:
                         outputs[i] = {"error": f"{type(e).__name__}: {e}"}
         return {"outputs": outputs}
 
+    def init_weight_transfer(self, body: dict) -> dict:
+        """Every worker joins the trainer's transfer group (videor1_weight_transfer); returns their ranks."""
+        with self.lock:
+            ranks = self.llm.collective_rpc("init_weight_group", args=(
+                body["host"], int(body["port"]), int(body["world_size"]), body["backend"], float(body["timeout_s"])))
+        log.info("joined the trainer's %s weight-transfer group as ranks %s of %s", body["backend"], ranks,
+                 body["world_size"])
+        return {"ranks": ranks}
+
     def load_weights(self, body: dict) -> dict:
+        """From a safetensors file (body["path"]) or, with body["specs"], from the transfer group."""
         t0 = time.perf_counter()
         with self.lock:
-            counts = self.llm.collective_rpc("load_weights_from_file", args=(body["path"],))
+            if "specs" in body:
+                counts = self.llm.collective_rpc("load_weights_from_group", args=(body["specs"],))
+            else:
+                counts = self.llm.collective_rpc("load_weights_from_file", args=(body["path"],))
             # Every cache that outlives a request: the KV prefix cache and the vision encoder's outputs
             # were computed with the old weights; the multimodal input caches are reset on both sides
             # because the worker's half was (a half-reset pair desyncs: "Encoder cache miss").
@@ -198,7 +246,8 @@ def make_handler(server: Server):
                 self._reply(404, {"error": f"no such endpoint {self.path}"})
 
         def do_POST(self):  # noqa: N802
-            routes = {"/generate": server.generate, "/load_weights": server.load_weights}
+            routes = {"/generate": server.generate, "/load_weights": server.load_weights,
+                      "/init_weight_transfer": server.init_weight_transfer}
             if self.path not in routes:
                 self._reply(404, {"error": f"no such endpoint {self.path}"})
                 return
