@@ -106,11 +106,10 @@ def main(argv=None) -> str:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from videor1.synthetic import generate_dataset
-    from videor1.tiny import VLLM_SIZES, build_tiny_checkpoint
+    from videor1.tiny import build_tiny_checkpoint
 
     work = tempfile.mkdtemp(prefix="bench_rollout_")
-    # VLLM_SIZES (head_dim 32): the shape vLLM's CPU attention serves, for every provider alike
-    ckpt = build_tiny_checkpoint(os.path.join(work, "tiny"), seed=0, **({} if args.no_vllm else VLLM_SIZES))
+    ckpt = build_tiny_checkpoint(os.path.join(work, "tiny"), seed=0)  # head_dim 32: vLLM's CPU attention serves it
     data_file = generate_dataset(os.path.join(work, "data"), n=12, seed=0, frames=16, fps=8, size=64)
     cfg_all = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"))
     processor = load_processor(ckpt)

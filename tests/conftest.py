@@ -12,18 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
-    """A tiny Qwen2.5-VL checkpoint directory (built in-process, deterministic by seed)."""
+    """A tiny Qwen2.5-VL checkpoint directory (built in-process, deterministic by seed; vLLM serves its shape)."""
     from videor1.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_vllm_ckpt(tmp_path_factory):
-    """The tiny checkpoint in the shape vLLM's CPU attention serves (videor1.tiny.VLLM_SIZES: head_dim 32)."""
-    from videor1.tiny import VLLM_SIZES, build_tiny_checkpoint
-
-    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt_vllm") / "tiny"), seed=0, **VLLM_SIZES)
 
 
 @pytest.fixture(scope="session")

@@ -42,11 +42,11 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM and os.environ.get("VIDEOR1_REQUIR
                                 reason=".venv-vllm is not built (make vllm-env)")
 
 
-def _cfg(tiny_vllm_ckpt, data_cfg=None):
+def _cfg(tiny_ckpt, data_cfg=None):
     from videor1.config import Config
 
     cfg = Config()
-    cfg.model.path, cfg.model.dtype = tiny_vllm_ckpt, "float32"
+    cfg.model.path, cfg.model.dtype = tiny_ckpt, "float32"
     if data_cfg is not None:
         cfg.data = data_cfg
     r = cfg.rollout
@@ -64,12 +64,12 @@ def _backend(cfg, client, tok, shared=False):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_vllm_ckpt, tmp_path_factory):
+def server(tiny_ckpt, tmp_path_factory):
     if not HAVE_VLLM:
         pytest.fail(".venv-vllm is missing but VIDEOR1_REQUIRE_VLLM=1") if os.environ.get(
             "VIDEOR1_REQUIRE_VLLM") == "1" else pytest.skip(".venv-vllm is not built")
     log = str(tmp_path_factory.mktemp("vllm") / "server.log")
-    srv = VLLMServer.start(model=tiny_vllm_ckpt, log_path=log, dtype="float32", max_model_len=4096)
+    srv = VLLMServer.start(model=tiny_ckpt, log_path=log, dtype="float32", max_model_len=4096)
     client = VLLMClient(srv.url, server=srv, timeout_s=300)
     client.wait_ready(600)
     yield srv, client
@@ -103,15 +103,15 @@ def test_collapse_pads_keeps_one_pad_per_run():
 
 @needs_vllm
 @pytest.mark.parametrize("bounds", ["default", "small"])
-def test_vllm_expands_our_prompt_ids_exactly(server, tiny_vllm_ckpt, synth_data, synth_rows, synth_data_cfg,
+def test_vllm_expands_our_prompt_ids_exactly(server, tiny_ckpt, synth_data, synth_rows, synth_data_cfg,
                                              small_bounds_data, bounds):
     from transformers import AutoProcessor
 
     _, client = server
-    processor = AutoProcessor.from_pretrained(tiny_vllm_ckpt)
+    processor = AutoProcessor.from_pretrained(tiny_ckpt)
     data = synth_data_cfg if bounds == "default" else small_bounds_data
     prompts = _prompts(synth_rows, os.path.dirname(synth_data), processor, data)
-    cfg = _cfg(tiny_vllm_ckpt, data)
+    cfg = _cfg(tiny_ckpt, data)
     backend = _backend(cfg, client, processor.tokenizer, shared=True)
     requests = [Request(p, p.vision, 2) for p in prompts] + [Request(p, p.shuffled_vision, 1) for p in prompts
                                                             if p.shuffled_vision is not None]
@@ -156,22 +156,22 @@ torch.save(out, sys.argv[3])
 
 
 @needs_vllm
-def test_vllm_processor_makes_our_patches_from_our_frames(tiny_vllm_ckpt, synth_data, synth_rows, small_bounds_data,
+def test_vllm_processor_makes_our_patches_from_our_frames(tiny_ckpt, synth_data, synth_rows, small_bounds_data,
                                                            tmp_path):
     """The frames, metadata and pixel bounds we send make our patches (ordered and shuffled) in vLLM's
     processor within one uint8 level: Pillow-style antialiased bicubic on both sides, rounded to uint8."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(tiny_vllm_ckpt)
+    processor = AutoProcessor.from_pretrained(tiny_ckpt)
     prompts = _prompts(synth_rows, os.path.dirname(synth_data), processor, small_bounds_data)
-    cfg = _cfg(tiny_vllm_ckpt, small_bounds_data)
+    cfg = _cfg(tiny_ckpt, small_bounds_data)
     backend = VLLMBackend(cfg, VLLMClient("http://127.0.0.1:1"), owner=True, shm_dir=str(tmp_path),
                           eos_ids=[0], pad_id=0, suppress_ids=[], vision_pad_ids=[])
     requests = [Request(p, p.vision, 1) for p in prompts] + [Request(p, p.shuffled_vision, 1) for p in prompts
                                                             if p.shuffled_vision is not None]
     payloads = [backend.request_payload(r, i, 0) for i, r in enumerate(requests)]
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"model": tiny_vllm_ckpt, "requests": payloads}))
+    spec.write_text(json.dumps({"model": tiny_ckpt, "requests": payloads}))
     script = tmp_path / "patches.py"
     script.write_text(PATCH_SCRIPT)
     out_path = tmp_path / "theirs.pt"
@@ -200,7 +200,7 @@ def one_rank_group(tmp_path):
 
 
 @needs_vllm
-def test_weights_reach_the_server_after_a_step(server, one_rank_group, tiny_vllm_ckpt, synth_data, synth_rows,
+def test_weights_reach_the_server_after_a_step(server, one_rank_group, tiny_ckpt, synth_data, synth_rows,
                                                synth_data_cfg):
     from videor1 import session
     from videor1.forward import build_inputs
@@ -208,7 +208,7 @@ def test_weights_reach_the_server_after_a_step(server, one_rank_group, tiny_vllm
     from videor1.train import SafeRewards, StepContext, tgrpo_step
 
     _, client = server
-    cfg = _cfg(tiny_vllm_ckpt, synth_data_cfg)
+    cfg = _cfg(tiny_ckpt, synth_data_cfg)
     cfg.optim.lr, cfg.optim.warmup_ratio, cfg.algo.beta = 0.05, 0.0, 0.04
     cfg.algo.rewards = ["accuracy", "format"]
     cfg.train.output_dir = os.path.dirname(synth_data)
@@ -268,6 +268,57 @@ def test_weights_reach_the_server_after_a_step(server, one_rank_group, tiny_vllm
 # -- failures, against the stand-in server -------------------------------------------------------
 
 
+def test_rollout_logprobs_agree_on_the_demo_model(tmp_path_factory, synth_data, synth_rows, synth_data_cfg):
+    """The demo's model (videor1.demo.MODEL: 8 M-RoPE time positions per second) at 8 fps gives its
+    temporal patches times 0, 2, 4, 6, where Qwen2.5-VL's original rule and transformers 5's part:
+    vLLM's log-probs of its own samples, ordered and shuffled frames, equal our policy's within 1e-4."""
+    if not HAVE_VLLM:
+        pytest.fail(".venv-vllm is missing but VIDEOR1_REQUIRE_VLLM=1") if os.environ.get(
+            "VIDEOR1_REQUIRE_VLLM") == "1" else pytest.skip(".venv-vllm is not built")
+    import dataclasses
+
+    from videor1.demo import MODEL
+    from videor1.forward import build_inputs
+    from videor1.model import load_model, load_processor
+    from videor1.mrope import position_ids_for
+    from videor1.policy import PolicyModule, with_mm_token_types
+    from videor1.tiny import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(str(tmp_path_factory.mktemp("demo_model") / "tiny"), seed=0, **MODEL)
+    cfg = _cfg(ckpt, synth_data_cfg)
+    processor = load_processor(ckpt)
+    policy = PolicyModule(load_model(ckpt), kernel_backend="torch").eval()
+    tok = processor.tokenizer
+    prompt = _prompts(synth_rows, os.path.dirname(synth_data), processor, synth_data_cfg, ("video",))[0]
+    assert prompt.vision["second_per_grid_ts"].tolist() == [0.25]
+    ids = prompt.input_ids[None]
+    typed = with_mm_token_types({"input_ids": ids, "attention_mask": torch.ones_like(ids), **prompt.vision},
+                                policy.hf.config)
+    video = (typed["mm_token_type_ids"][0] == 2).nonzero()[:, 0]
+    times = position_ids_for(policy.hf.config, typed)[0, 0, video].unique() - int(video[0])
+    assert times.tolist() == [0, 2, 4, 6]
+    srv = VLLMServer.start(model=ckpt, log_path=str(tmp_path_factory.mktemp("vllm_demo") / "server.log"),
+                           dtype="float32", max_model_len=4096)
+    client = VLLMClient(srv.url, server=srv, timeout_s=300)
+    try:
+        client.wait_ready(600)
+        backend = _backend(cfg, client, tok)
+        requests = [Request(prompt, prompt.vision, 3), Request(prompt, prompt.shuffled_vision, 2)]
+        for request, sampled in zip(requests, backend.sample(_Engine(policy), requests, step=0)):
+            as_ordered = dataclasses.replace(prompt, vision=request.vision)  # the frames this request used
+            for row in range(request.num):
+                n = int(sampled.mask[row].sum())
+                completion = sampled.ids[row, :n][None]
+                with torch.no_grad():
+                    inputs = build_inputs(as_ordered, completion, torch.ones_like(completion), shared=False)
+                    ours = policy(inputs, prompt.input_ids.numel(), completion, mode="logprobs",
+                                  completion_mask=torch.ones_like(completion))[0].double()
+                theirs = sampled.logprobs[row, :n].double()
+                assert (theirs - ours).abs().max() <= 1e-4, float((theirs - ours).abs().max())
+    finally:
+        srv.stop()
+
+
 def _fake(tmp_path, mode, timeout=30.0):
     srv = VLLMServer.start(model="unused", log_path=str(tmp_path / "fake.log"), python=sys.executable, script=FAKE,
                            env={"FAKE_MODE": mode})
@@ -297,10 +348,10 @@ def test_a_missing_vllm_python_names_the_fix(tmp_path):
         VLLMServer.start(model="m", log_path=str(tmp_path / "x.log"), python=str(tmp_path / "nope" / "python"))
 
 
-def _fake_requests(tiny_vllm_ckpt, synth_data, synth_rows, synth_data_cfg, n_prompts=2):
+def _fake_requests(tiny_ckpt, synth_data, synth_rows, synth_data_cfg, n_prompts=2):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(tiny_vllm_ckpt)
+    processor = AutoProcessor.from_pretrained(tiny_ckpt)
     prompts = _prompts(synth_rows, os.path.dirname(synth_data), processor, synth_data_cfg, ("video",) * n_prompts)
     return processor, [Request(p, p.vision, 2) for p in prompts]
 
@@ -352,10 +403,10 @@ def test_the_transfer_group_works_across_the_two_torch_builds(tmp_path):
     group.close()
 
 
-def test_an_explicit_transfer_group_that_cannot_form_fails_clearly(tmp_path, tiny_vllm_ckpt):
+def test_an_explicit_transfer_group_that_cannot_form_fails_clearly(tmp_path, tiny_ckpt):
     srv, client = _fake(tmp_path, "")
     client.wait_ready(30)
-    cfg = _cfg(tiny_vllm_ckpt)
+    cfg = _cfg(tiny_ckpt)
     cfg.rollout.vllm_weight_transfer, cfg.rollout.vllm_request_timeout_s = "gloo", 5.0
     backend = VLLMBackend(cfg, client, owner=True)
     with pytest.raises(VLLMServerError, match=r"rollout.vllm_weight_transfer=gloo: the transfer group with the "
@@ -365,14 +416,14 @@ def test_an_explicit_transfer_group_that_cannot_form_fails_clearly(tmp_path, tin
     backend.close()
 
 
-def test_auto_transfer_falls_back_to_shared_memory_when_nccl_cannot_form(tmp_path, tiny_vllm_ckpt, monkeypatch):
+def test_auto_transfer_falls_back_to_shared_memory_when_nccl_cannot_form(tmp_path, tiny_ckpt, monkeypatch):
     """auto on a CUDA trainer tries nccl; when the group cannot form (here: no GPU, and a server that
     cannot join) the weights go through /dev/shm instead, and every tensor arrives."""
     srv, client = _fake(tmp_path, "")
     client.wait_ready(30)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    cfg = _cfg(tiny_vllm_ckpt)
+    cfg = _cfg(tiny_ckpt)
     cfg.rollout.vllm_request_timeout_s = 5.0
     backend = VLLMBackend(cfg, client, owner=True)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
@@ -383,26 +434,26 @@ def test_auto_transfer_falls_back_to_shared_memory_when_nccl_cannot_form(tmp_pat
     backend.close()
 
 
-def test_a_server_that_dies_mid_run_fails_the_run_clearly(tmp_path, tiny_vllm_ckpt, synth_data, synth_rows,
+def test_a_server_that_dies_mid_run_fails_the_run_clearly(tmp_path, tiny_ckpt, synth_data, synth_rows,
                                                           synth_data_cfg):
     srv, client = _fake(tmp_path, "die_on_generate")
     client.wait_ready(30)
-    processor, requests = _fake_requests(tiny_vllm_ckpt, synth_data, synth_rows, synth_data_cfg)
-    backend = _backend(_cfg(tiny_vllm_ckpt, synth_data_cfg), client, processor.tokenizer)
+    processor, requests = _fake_requests(tiny_ckpt, synth_data, synth_rows, synth_data_cfg)
+    backend = _backend(_cfg(tiny_ckpt, synth_data_cfg), client, processor.tokenizer)
     with pytest.raises(VLLMServerError, match=r"exited with code 3(.|\n)*dying on /generate"):
         backend.sample(_Engine(), requests, step=0)
     backend.close()
 
 
 @pytest.mark.parametrize("rejected, failed", [(1, []), (3, [0])])
-def test_a_rejected_request_is_retried_once_then_skipped(tmp_path, tiny_vllm_ckpt, synth_data, synth_rows,
+def test_a_rejected_request_is_retried_once_then_skipped(tmp_path, tiny_ckpt, synth_data, synth_rows,
                                                          synth_data_cfg, monkeypatch, rejected, failed):
     """reject_first=1: request 0 fails, its retry succeeds. reject_first=3: requests 0 and 1 fail, the
     retry of 0 fails again (None: its group is skipped), the retry of 1 succeeds."""
     srv, client = _fake(tmp_path, f"reject_first={rejected}")
     client.wait_ready(30)
-    processor, requests = _fake_requests(tiny_vllm_ckpt, synth_data, synth_rows, synth_data_cfg)
-    backend = _backend(_cfg(tiny_vllm_ckpt, synth_data_cfg), client, processor.tokenizer)
+    processor, requests = _fake_requests(tiny_ckpt, synth_data, synth_rows, synth_data_cfg)
+    backend = _backend(_cfg(tiny_ckpt, synth_data_cfg), client, processor.tokenizer)
     monkeypatch.setattr(backend, "_check_prompt", lambda *a: None)  # the stand-in does not expand pads
     out = backend.sample(_Engine(), requests, step=0)
     assert [i for i, o in enumerate(out) if o is None] == failed
@@ -415,26 +466,26 @@ def test_a_rejected_request_is_retried_once_then_skipped(tmp_path, tiny_vllm_ckp
     srv.stop()
 
 
-def test_a_prompt_vllm_expands_differently_stops_the_run(tmp_path, tiny_vllm_ckpt, synth_data, synth_rows,
+def test_a_prompt_vllm_expands_differently_stops_the_run(tmp_path, tiny_ckpt, synth_data, synth_rows,
                                                          synth_data_cfg):
     srv, client = _fake(tmp_path, "")
     client.wait_ready(30)
-    processor, requests = _fake_requests(tiny_vllm_ckpt, synth_data, synth_rows, synth_data_cfg, 1)
-    backend = _backend(_cfg(tiny_vllm_ckpt, synth_data_cfg), client, processor.tokenizer)
+    processor, requests = _fake_requests(tiny_ckpt, synth_data, synth_rows, synth_data_cfg, 1)
+    backend = _backend(_cfg(tiny_ckpt, synth_data_cfg), client, processor.tokenizer)
     with pytest.raises(VLLMServerError, match=r"vLLM expanded the prompt to \d+ tokens, ours has \d+"):
         backend.sample(_Engine(), requests, step=0)  # the stand-in echoes the collapsed prompt
     backend.close()
     srv.stop()
 
 
-def test_request_media_match_the_prompt(tmp_path, tiny_vllm_ckpt, synth_data, synth_rows, synth_data_cfg):
+def test_request_media_match_the_prompt(tmp_path, tiny_ckpt, synth_data, synth_rows, synth_data_cfg):
     """The request carries the frames we sampled (the shuffled copy permuted as our shuffled patches),
     fps = 2 / second_per_grid_t, our pixel bounds, and one pad per video."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(tiny_vllm_ckpt)
+    processor = AutoProcessor.from_pretrained(tiny_ckpt)
     p = _prompts(synth_rows, os.path.dirname(synth_data), processor, synth_data_cfg, ("video",))[0]
-    backend = _backend(_cfg(tiny_vllm_ckpt, synth_data_cfg), VLLMClient("http://127.0.0.1:1"), processor.tokenizer)
+    backend = _backend(_cfg(tiny_ckpt, synth_data_cfg), VLLMClient("http://127.0.0.1:1"), processor.tokenizer)
     ordered = backend.request_payload(Request(p, p.vision, 4), 0, 11)
     frames = np.load(ordered["video"]["path"])
     assert np.array_equal(frames, p.media.frames.numpy()) and frames.dtype == np.uint8
@@ -451,7 +502,7 @@ def test_request_media_match_the_prompt(tmp_path, tiny_vllm_ckpt, synth_data, sy
 
 
 @needs_vllm
-def test_train_vllm_two_processes(tiny_vllm_ckpt, synth_data, tmp_path):
+def test_train_vllm_two_processes(tiny_ckpt, synth_data, tmp_path):
     """`torchrun --nproc_per_node=2 videor1/train.py --config configs/tiny_cpu.yaml --rollout.backend vllm`
     for 2 steps: one server for the node, started by local rank 0, weights synced before each rollout."""
     from test_train import base_args, check_ok, metrics, torchrun
@@ -459,7 +510,7 @@ def test_train_vllm_two_processes(tiny_vllm_ckpt, synth_data, tmp_path):
     if not HAVE_VLLM:
         pytest.fail(".venv-vllm is missing")
     out = tmp_path / "run"
-    proc = torchrun(base_args(tiny_vllm_ckpt, synth_data, out) + ["--train.max_steps", "2", "--rollout.backend", "vllm",
+    proc = torchrun(base_args(tiny_ckpt, synth_data, out) + ["--train.max_steps", "2", "--rollout.backend", "vllm",
                                                              "--rollout.vllm_max_model_len", "4096",
                                                              "--rollout.vllm_weight_transfer", "gloo"], timeout=900)
     check_ok(proc)
@@ -474,4 +525,5 @@ def test_train_vllm_two_processes(tiny_vllm_ckpt, synth_data, tmp_path):
         server_log = f.read()
     assert server_log.count("videor1.vllm_server: loaded 57 tensors (version") == 2  # one weight load per step
     assert "joined the trainer's gloo weight-transfer group as ranks [1] of 2" in server_log
+    assert "workers' idle busy-wait cut to 0.010 s ([1] queues)" in server_log  # the one worker's queue found
     assert os.path.exists(out / "final" / "model.safetensors")

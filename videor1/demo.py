@@ -34,6 +34,9 @@ DEMO_TASKS = ("motion_direction", "color_first", "appear_disappear")
 # Synthetic data: 64x64 frames, 8 frames at 8 fps (every frame is read: each 2-frame temporal patch
 # shows one step of the change, which the tiny model can see).
 DATA = {"size": 64, "frames": 8, "fps": 8}
+# The tiny model at 8 fps: 8 M-RoPE time positions per second, so each 2-frame temporal patch gets its
+# own time (0, 2, 4, 6; with Qwen's 2, patches share them in pairs: 0, 0, 1, 1). docs/demo.md has the runs.
+MODEL = {"tokens_per_second": 8}
 
 
 def _say(msg: str) -> None:
@@ -50,7 +53,7 @@ def build_assets(out: str, n_train: int, n_heldout: int, tasks=DEMO_TASKS, data_
              "heldout": os.path.join(out, "heldout", "heldout.json")}
     if not os.path.exists(os.path.join(paths["tiny"], "model.safetensors")):
         _say(f"building the tiny Qwen2.5-VL checkpoint -> {paths['tiny']}")
-        build_tiny_checkpoint(paths["tiny"], seed=0, overwrite=True)
+        build_tiny_checkpoint(paths["tiny"], seed=0, overwrite=True, **MODEL)
     for split, n in (("train", n_train), ("heldout", n_heldout)):
         if os.path.exists(paths[split]):
             continue

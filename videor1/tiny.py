@@ -16,16 +16,20 @@ Choices (the 7B model's in brackets):
   </answer> as single, non-special added tokens: a tiny model need not learn to spell the tags, and
   `skip_special_tokens=True` keeps them in decoded text, where the rewards look for them.
   config.vocab_size == len(tokenizer) (no padded rows, unlike Qwen's 151936 > 151665).
-- Text model: hidden 64, 2 layers, 4 heads of head_dim 16, 2 KV heads, MLP 256 [3584, 28, 28 x 128,
-  4, 18944]; mrope_section [2, 3, 3] sums to head_dim/2 = 8, in Qwen's 2:3:3 ratio [16, 24, 24].
-  vLLM's CPU attention serves no head_dim below 32 ("Unsupported CPU attention configuration"):
-  VLLM_SIZES (2 heads of 32, 1 KV head; the same projection shapes) is the variant it serves. It is
-  not the default yet: the demo, tuned on head_dim 16, reached only 0.393 / 0.393 held-out after
-  SFT with it (one run, on a loaded 2-core AMD EPYC) against 0.747 / 0.393.
+- Text model: hidden 64, 2 layers, 2 heads of head_dim 32, 2 KV heads, MLP 256 [3584, 28, 28 x 128,
+  4, 18944]; mrope_section [4, 6, 6] sums to head_dim/2 = 16, in Qwen's 2:3:3 ratio [16, 24, 24].
+  head_dim 32 because vLLM's CPU attention serves none below it ("Unsupported CPU attention
+  configuration"), so rollout.backend vllm serves this model as it is. (The demo was first tuned
+  on 4 heads of 16; at head_dim 32 its SFT needed 1800 steps and 8 time positions per second to
+  learn what it had in 900: docs/demo.md.)
   tie_word_embeddings False: the trainer reads lm_head.weight for its fused loss kernels.
 - Vision model: depth 2, hidden 64, 4 heads, MLP 128 [32, 1280, 16, 3420], patch 14, temporal patch 2,
   spatial merge 2, out_hidden_size = text hidden. fullatt_block_indexes [depth - 1]: the last block attends over the
   whole video, the others within windows, as the 7B model's last block [7, 15, 23, 31 of 32].
+  tokens_per_second 2 [2]: a video's temporal patch i sits at time position
+  floor(i * second_per_grid_t * tokens_per_second). At Qwen's 2 fps that is 2 positions per patch; at
+  the demo's 8 fps it is 0.5, truncated, so patches 0 and 1 share a time (0, 0, 1, 1): the demo
+  builds its model with 8, which gives its patches 0, 2, 4, 6 (the 7B's spacing at 2 fps).
   window_size 112 px (4 x 4 merged tokens) [112]: with max_pixels 112 * 112 a resized frame fits
   one window, so the windowed blocks attend within each temporal patch and the last across time.
 - Image and video processors: min_pixels 56 * 56, max_pixels 112 * 112. smart_resize (factor 28) then
@@ -35,7 +39,7 @@ Choices (the 7B model's in brackets):
   cap_pixels_per_frame False: its total-video cap (90% of 128000 tokens) never binds at these sizes;
   setting it explicitly only silences transformers' warning about the coming default.
 
-With the defaults and the synthetic corpus of this commit: about 469k parameters (the DESIGN notes'
+With the defaults and the synthetic corpus of this commit: about 477k parameters (the DESIGN notes'
 443k model of this shape learns 4-way motion direction on CPU), a vocabulary of about 815 (the BPE
 saturates: every corpus word becomes one token before 1024), built in about 5 s on a 2-core CPU.
 """
@@ -185,18 +189,16 @@ def mrope_section(head_dim: int) -> list[int]:
 DEFAULT_SIZES = dict(
     hidden=64,  # text hidden size, = vision out_hidden_size
     layers=2,  # text decoder layers
-    heads=4,
+    heads=2,  # head_dim 32: the smallest vLLM's CPU attention serves
     kv_heads=2,
     intermediate=256,  # text MLP
     vision_hidden=64,
     vision_depth=2,
     vision_heads=4,
     vision_intermediate=128,  # vision MLP (Qwen: 3420 for hidden 1280)
+    tokens_per_second=2,  # M-RoPE time positions per second of video (Qwen's 2; the demo builds 8)
 )
 
-
-# What vLLM's CPU backend serves (head_dim 32): the rollout.backend vllm tests build this one.
-VLLM_SIZES = dict(heads=2, kv_heads=1)
 
 
 def check_sizes(sizes: dict) -> None:
@@ -259,7 +261,7 @@ def tiny_config(tokenizer, **sizes):
         patch_size=PATCH_SIZE,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
         spatial_merge_size=MERGE_SIZE,
-        tokens_per_second=2,
+        tokens_per_second=s["tokens_per_second"],
         window_size=WINDOW_SIZE,
         out_hidden_size=s["hidden"],  # merged vision tokens replace the pad tokens' embeddings
         fullatt_block_indexes=[s["vision_depth"] - 1],
@@ -313,7 +315,7 @@ def build_tiny_checkpoint(
     """Write a randomly initialised Qwen2_5_VLForConditionalGeneration checkpoint directory; return it.
 
     sizes: any of DEFAULT_SIZES (hidden, layers, heads, kv_heads, intermediate, vision_hidden,
-    vision_depth, vision_heads, vision_intermediate). vocab_size: the BPE size before the 12 added
+    vision_depth, vision_heads, vision_intermediate, tokens_per_second). vocab_size: the BPE size before the 12 added
     tokens (the trainer may stop short of it). The weights (float32 safetensors) depend only on `seed`
     and the sizes, the tokenizer only on the corpus and `vocab_size`: a rebuild is byte-identical.
     A non-empty `out_dir` is an error unless `overwrite` (which writes over our files, deleting nothing).

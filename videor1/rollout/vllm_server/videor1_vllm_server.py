@@ -67,6 +67,25 @@ class WeightLoader:
             self.model_runner.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
         return count
 
+    def shorten_idle_spin(self, seconds: float) -> int:
+        """Busy-wait at most `seconds` for the next message once idle; returns the queues changed.
+
+        A worker process reads its requests from a shared-memory queue that spins a full core for 1 s
+        after each message (vLLM's SpinCondition.busy_loop_s; not configurable). On the CPU that core is
+        one the trainer needs: it computes right after every rollout phase. Within a generate call the
+        messages come ms apart, so a short spin keeps their latency."""
+        import gc
+
+        try:
+            from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+        except ImportError:  # another vLLM layout: nothing to shorten
+            return 0
+        readers = [o for o in gc.get_objects()
+                   if isinstance(o, SpinCondition) and getattr(o, "is_reader", False) and hasattr(o, "busy_loop_s")]
+        for cond in readers:
+            cond.busy_loop_s = min(cond.busy_loop_s, seconds)
+        return len(readers)
+
     def init_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> int:
         """Join the trainer's transfer group as rank 1 + this worker's rank; receive its probe tensor."""
         from videor1_weight_transfer import WeightGroup, probe
@@ -131,6 +150,9 @@ class Server:
         if args.gpu_memory_utilization:
             kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
         self.llm = LLM(**kwargs)
+        if args.idle_spin_s >= 0:
+            queues = self.llm.collective_rpc("shorten_idle_spin", args=(args.idle_spin_s,))
+            log.info("workers' idle busy-wait cut to %.3f s (%s queues)", args.idle_spin_s, queues)
         self.model = args.model
         self.lock = threading.Lock()
         self.weights_version = 0
@@ -274,6 +296,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-model-len", type=int, default=0, help="0: the checkpoint's")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--idle-spin-s", type=float, default=0.01,
+                    help="the workers' busy-wait after a message, in s (vLLM's is 1 s; < 0: leave it)")
     ap.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: the parent)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.0, help="0: vLLM's default")
     return ap.parse_args(argv)
