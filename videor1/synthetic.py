@@ -732,7 +732,10 @@ def text_corpus() -> list[str]:
 def write_video(path: str, frames: np.ndarray, fps: int, crf: int = CRF) -> None:
     """Encode frames uint8 [T, H, W, 3] (RGB, H and W even) as H.264 (libx264, yuv420p) in an mp4.
 
-    One encoder thread, so the same frames give the same bytes (x264 is deterministic then).
+    One encoder thread. The bytes still do not always repeat across processes: two generations of the
+    demo's 3000 train videos (same seed, same frames, same YUV conversion) differed in 4 to 13 files,
+    a few by one decoded level, though re-encoding one of them 20 times in one process gave one
+    output. The source (x264 or the muxer) is not found yet; compare decoded frames, not files.
     """
     import av
 
