@@ -732,10 +732,11 @@ def text_corpus() -> list[str]:
 def write_video(path: str, frames: np.ndarray, fps: int, crf: int = CRF) -> None:
     """Encode frames uint8 [T, H, W, 3] (RGB, H and W even) as H.264 (libx264, yuv420p) in an mp4.
 
-    One encoder thread. The bytes still do not always repeat across processes: two generations of the
-    demo's 3000 train videos (same seed, same frames, same YUV conversion) differed in 4 to 13 files,
-    a few by one decoded level, though re-encoding one of them 20 times in one process gave one
-    output. The source (x264 or the muxer) is not found yet; compare decoded frames, not files.
+    The same frames give the same bytes: one encoder thread, and no lookahead (rc-lookahead 0, so no
+    mb-tree). With x264's lookahead two generations of the demo's 3000 train videos (same seed, same
+    frames, same YUV planes) differed in 4 to 13 files, a few by one decoded level, although a file
+    re-encoded 20 times in one process came out the same each time; without it, two generations
+    differed in none (measured twice).
     """
     import av
 
@@ -747,7 +748,7 @@ def write_video(path: str, frames: np.ndarray, fps: int, crf: int = CRF) -> None
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": str(crf), "preset": "medium"}
+        stream.options = {"crf": str(crf), "preset": "medium", "x264-params": "rc-lookahead=0:mbtree=0"}
         for t, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts, frame.time_base = t, Fraction(1, fps)
