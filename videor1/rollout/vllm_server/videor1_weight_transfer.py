@@ -13,7 +13,9 @@ arrives (one tensor in flight, never the whole model twice).
 
 The two torch builds need not match: the TCPStore and gloo wire formats are stable across
 versions (tested: torch 2.14.1 against vLLM's 2.13.0); NCCL needs both libraries to speak the
-same protocol, which the GPU check verifies (the shared-memory path is the fallback).
+same protocol, which no GPU run has checked yet (benchmarks/gpu_check.py has no vLLM step: vLLM
+cannot be installed on the borrowed GPU machine), so "auto" falls back to shared memory when the
+NCCL group cannot form.
 """
 
 from __future__ import annotations
